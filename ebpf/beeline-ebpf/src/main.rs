@@ -1,0 +1,258 @@
+//! Beeline's kernel-side datapath: three tc ingress programs, named for where
+//! they run (Cilium's `bpf_lxc` / `bpf_host` / `bpf_overlay` split).
+//!
+//! - `beeline_from_pod` (host-side veth of every pod): a local destination is
+//!   delivered straight into the receiver's netns with `bpf_redirect_peer`; a
+//!   destination inside a remote node's podCIDR is forwarded to that node
+//!   (`bpf_redirect_neigh` on the underlay, or VXLAN); anything else goes up
+//!   the host stack.
+//! - `beeline_from_uplink` / `beeline_from_overlay`: packets from other nodes
+//!   for a local pod go straight into its netns.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{bpf_redir_neigh, bpf_tunnel_key, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    helpers::generated::{
+        bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
+    },
+    macros::{btf_map, classifier},
+    programs::TcContext,
+    EbpfContext,
+};
+use beeline_common::{
+    Counters, Endpoint, EndpointKey, NodeConfig, RemoteNode, StatsSlot, Tunnel, MAX_ENDPOINTS,
+    MAX_REMOTE_CIDRS, STATS_SLOTS,
+};
+
+#[btf_map]
+static BEELINE_ENDPOINTS: HashMap<EndpointKey, Endpoint, { MAX_ENDPOINTS as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static BEELINE_REMOTE_CIDRS: LpmTrie<[u8; 4], RemoteNode, { MAX_REMOTE_CIDRS as usize }> =
+    LpmTrie::new();
+
+#[btf_map]
+static BEELINE_NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map]
+static BEELINE_STATS: PerCpuArray<Counters, { STATS_SLOTS as usize }> = PerCpuArray::new();
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IPV4_TTL_OFF: usize = ETH_HLEN + 8;
+const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+const IPV4_DADDR_OFF: usize = ETH_HLEN + 16;
+const IPV4_MIN_HLEN: usize = 20;
+const AF_INET: u32 = 2;
+const BPF_F_PSEUDO_HDR_NONE: u64 = 0;
+
+#[derive(Clone, Copy)]
+enum Verdict {
+    RedirectedLocal,
+    ForwardedDirect,
+    ForwardedTunnel,
+    PassedToHost,
+    DroppedMalformed,
+    DroppedHelperError,
+}
+
+#[classifier]
+pub fn beeline_from_pod(ctx: TcContext) -> i32 {
+    finish(StatsSlot::FromPod, from_pod(&ctx))
+}
+
+#[classifier]
+pub fn beeline_from_uplink(ctx: TcContext) -> i32 {
+    finish(StatsSlot::FromUplink, from_node(&ctx))
+}
+
+#[classifier]
+pub fn beeline_from_overlay(ctx: TcContext) -> i32 {
+    finish(StatsSlot::FromOverlay, from_node(&ctx))
+}
+
+/// Counts the verdict and turns it into a tc action.
+#[inline(always)]
+fn finish(slot: StatsSlot, (verdict, action): (Verdict, i32)) -> i32 {
+    if let Some(counters) = BEELINE_STATS.get_ptr_mut(slot as u32) {
+        // SAFETY: per-CPU slot, valid for the program's lifetime; no other
+        // program on this CPU runs concurrently with us.
+        let c = unsafe { &mut *counters };
+        match verdict {
+            Verdict::RedirectedLocal => c.redirected_local += 1,
+            Verdict::ForwardedDirect => c.forwarded_direct += 1,
+            Verdict::ForwardedTunnel => c.forwarded_tunnel += 1,
+            Verdict::PassedToHost => c.passed_to_host += 1,
+            Verdict::DroppedMalformed => c.dropped_malformed += 1,
+            Verdict::DroppedHelperError => c.dropped_helper_error += 1,
+        }
+    }
+    action
+}
+
+const PASS: (Verdict, i32) = (Verdict::PassedToHost, TC_ACT_OK);
+const MALFORMED: (Verdict, i32) = (Verdict::DroppedMalformed, TC_ACT_SHOT);
+const HELPER_ERROR: (Verdict, i32) = (Verdict::DroppedHelperError, TC_ACT_SHOT);
+
+/// Returns the IPv4 destination, or `None` when the frame is not IPv4.
+#[inline(always)]
+fn ipv4_destination(ctx: &TcContext) -> Result<Option<[u8; 4]>, ()> {
+    if (ctx.len() as usize) < ETH_HLEN {
+        return Err(());
+    }
+    let ethertype: u16 = ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes).map_err(|_| ())?;
+    if ethertype != ETH_P_IP {
+        return Ok(None);
+    }
+    if (ctx.len() as usize) < ETH_HLEN + IPV4_MIN_HLEN {
+        return Err(());
+    }
+    ctx.load::<[u8; 4]>(IPV4_DADDR_OFF).map(Some).map_err(|_| ())
+}
+
+/// Decrements the IPv4 TTL like a router does. Returns `Ok(false)` when the
+/// packet must not be forwarded (TTL would expire): the host stack then sends
+/// the ICMP time-exceeded.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext) -> Result<bool, ()> {
+    let old: [u8; 2] = ctx.load(IPV4_TTL_OFF).map_err(|_| ())?;
+    if old[0] <= 1 {
+        return Ok(false);
+    }
+    let new = [old[0] - 1, old[1]];
+    let (old_word, new_word) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+    ctx.l3_csum_replace(IPV4_CSUM_OFF, old_word as u64, new_word as u64, 2)
+        .map_err(|_| ())?;
+    ctx.store(IPV4_TTL_OFF, &new, BPF_F_PSEUDO_HDR_NONE).map_err(|_| ())?;
+    Ok(true)
+}
+
+/// Rewrites the Ethernet header and hands the packet to the pod's netns.
+#[inline(always)]
+fn deliver_local(ctx: &TcContext, ep: &Endpoint) -> (Verdict, i32) {
+    match decrement_ttl(ctx) {
+        Ok(true) => {}
+        Ok(false) => return PASS,
+        Err(()) => return HELPER_ERROR,
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&ep.pod_mac);
+    macs[6..].copy_from_slice(&ep.host_mac);
+    if ctx.store(0, &macs, 0).is_err() {
+        return HELPER_ERROR;
+    }
+    // SAFETY: plain helper call; the kernel validates the ifindex.
+    let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
+    if action == TC_ACT_SHOT {
+        return HELPER_ERROR;
+    }
+    (Verdict::RedirectedLocal, action)
+}
+
+#[inline(always)]
+fn forward_remote(ctx: &TcContext, remote: &RemoteNode) -> (Verdict, i32) {
+    let Some(config) = BEELINE_NODE_CONFIG.get(0) else {
+        return PASS;
+    };
+    match decrement_ttl(ctx) {
+        Ok(true) => {}
+        Ok(false) => return PASS,
+        Err(()) => return HELPER_ERROR,
+    }
+    if remote.tunnel == Tunnel::Vxlan as u32 {
+        if config.vxlan_ifindex == 0 {
+            return PASS;
+        }
+        // SAFETY: all-zero is a valid bpf_tunnel_key.
+        let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+        key.tunnel_id = config.vni;
+        // The helper wants the remote address in host byte order.
+        key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(remote.node_addr);
+        key.tunnel_ttl = 64;
+        // SAFETY: `key` lives on the stack for the duration of the call.
+        let rc = unsafe {
+            bpf_skb_set_tunnel_key(
+                ctx.as_ptr().cast(),
+                &mut key,
+                core::mem::size_of::<bpf_tunnel_key>() as u32,
+                0,
+            )
+        };
+        if rc != 0 {
+            return HELPER_ERROR;
+        }
+        // SAFETY: plain helper call.
+        let action = unsafe { bpf_redirect(config.vxlan_ifindex, 0) } as i32;
+        if action == TC_ACT_SHOT {
+            return HELPER_ERROR;
+        }
+        (Verdict::ForwardedTunnel, action)
+    } else {
+        if config.uplink_ifindex == 0 {
+            return PASS;
+        }
+        // SAFETY: all-zero is a valid bpf_redir_neigh.
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        nh.nh_family = AF_INET;
+        // ipv4_nh is network byte order: copy the bytes as they are.
+        nh.__bindgen_anon_1.ipv4_nh = u32::from_ne_bytes(remote.node_addr);
+        // SAFETY: `nh` lives on the stack for the duration of the call.
+        let action = unsafe {
+            bpf_redirect_neigh(
+                config.uplink_ifindex,
+                &mut nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
+        } as i32;
+        if action == TC_ACT_SHOT {
+            return HELPER_ERROR;
+        }
+        (Verdict::ForwardedDirect, action)
+    }
+}
+
+#[inline(always)]
+fn from_pod(ctx: &TcContext) -> (Verdict, i32) {
+    let daddr = match ipv4_destination(ctx) {
+        Ok(Some(daddr)) => daddr,
+        Ok(None) => return PASS,
+        Err(()) => return MALFORMED,
+    };
+    // SAFETY: the value is copied out before any map update can reuse the slot.
+    if let Some(ep) = unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
+        return deliver_local(ctx, &ep);
+    }
+    let key = Key::new(32, daddr);
+    if let Some(remote) = BEELINE_REMOTE_CIDRS.get(&key).copied() {
+        return forward_remote(ctx, &remote);
+    }
+    PASS
+}
+
+#[inline(always)]
+fn from_node(ctx: &TcContext) -> (Verdict, i32) {
+    let daddr = match ipv4_destination(ctx) {
+        Ok(Some(daddr)) => daddr,
+        Ok(None) => return PASS,
+        Err(()) => return MALFORMED,
+    };
+    // SAFETY: the value is copied out before any map update can reuse the slot.
+    match unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
+        Some(ep) => deliver_local(ctx, &ep),
+        None => PASS,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
