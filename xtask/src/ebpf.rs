@@ -162,7 +162,12 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     fs::create_dir_all(&lib)?;
     link_llvm(&llvm_lib, &lib, major)?;
 
-    if bin.exists() && Command::new(&bin).arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if bin.exists()
+        && Command::new(&bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
         return Ok(bin);
     }
     step(&format!(
@@ -174,12 +179,18 @@ fn ensure_bpf_linker() -> Result<PathBuf> {
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
-    cmd.args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features"])
-        .arg(format!("llvm-{major}"))
-        .arg("--root")
-        .arg(&prefix)
-        .env("LLVM_PREFIX", &prefix);
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--force",
+        "--version",
+        BPF_LINKER_VERSION,
+    ])
+    .args(["--no-default-features", "--features"])
+    .arg(format!("llvm-{major}"))
+    .arg("--root")
+    .arg(&prefix)
+    .env("LLVM_PREFIX", &prefix);
     run(&mut cmd).with_context(|| {
         format!(
             "building bpf-linker failed; it needs crates.io access and a C toolchain (gcc).\n\

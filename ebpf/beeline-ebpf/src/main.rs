@@ -12,18 +12,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_redir_neigh, bpf_tunnel_key, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh, bpf_tunnel_key},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     helpers::generated::{
         bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
-    EbpfContext,
 };
 use beeline_common::{
-    Counters, Endpoint, EndpointKey, NodeConfig, RemoteNode, StatsSlot, Tunnel, MAX_ENDPOINTS,
-    MAX_REMOTE_CIDRS, STATS_SLOTS,
+    Counters, Endpoint, EndpointKey, MAX_ENDPOINTS, MAX_REMOTE_CIDRS, NodeConfig, RemoteNode,
+    STATS_SLOTS, StatsSlot, Tunnel,
 };
 
 #[btf_map]
@@ -103,14 +103,19 @@ fn ipv4_destination(ctx: &TcContext) -> Result<Option<[u8; 4]>, ()> {
     if (ctx.len() as usize) < ETH_HLEN {
         return Err(());
     }
-    let ethertype: u16 = ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes).map_err(|_| ())?;
+    let ethertype: u16 = ctx
+        .load::<[u8; 2]>(12)
+        .map(u16::from_be_bytes)
+        .map_err(|_| ())?;
     if ethertype != ETH_P_IP {
         return Ok(None);
     }
     if (ctx.len() as usize) < ETH_HLEN + IPV4_MIN_HLEN {
         return Err(());
     }
-    ctx.load::<[u8; 4]>(IPV4_DADDR_OFF).map(Some).map_err(|_| ())
+    ctx.load::<[u8; 4]>(IPV4_DADDR_OFF)
+        .map(Some)
+        .map_err(|_| ())
 }
 
 /// Decrements the IPv4 TTL like a router does. Returns `Ok(false)` when the
@@ -126,7 +131,8 @@ fn decrement_ttl(ctx: &TcContext) -> Result<bool, ()> {
     let (old_word, new_word) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
     ctx.l3_csum_replace(IPV4_CSUM_OFF, old_word as u64, new_word as u64, 2)
         .map_err(|_| ())?;
-    ctx.store(IPV4_TTL_OFF, &new, BPF_F_PSEUDO_HDR_NONE).map_err(|_| ())?;
+    ctx.store(IPV4_TTL_OFF, &new, BPF_F_PSEUDO_HDR_NONE)
+        .map_err(|_| ())?;
     Ok(true)
 }
 

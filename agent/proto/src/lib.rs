@@ -1,0 +1,294 @@
+//! The agent's API on its Unix socket: one JSON request line, one JSON
+//! response line, per connection. The CNI binary is the main client; the
+//! types are also what the agent persists for each endpoint.
+use std::{
+    fmt,
+    io::{BufRead, BufReader, Read, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de::DeserializeOwned};
+
+pub const DEFAULT_SOCKET: &str = "/run/beeline/agent.sock";
+/// Upper bound for one request or response line.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// What a new pod on this node gets. Fails while the agent is not ready.
+    NodeInfo,
+    /// Adds a pod endpoint to the datapath (map entry + tc program on its host veth).
+    Register { endpoint: Endpoint },
+    /// Removes a pod endpoint; answers the removed endpoint, if there was one.
+    Unregister {
+        container_id: String,
+        ifname: String,
+    },
+    /// The agent's record of one endpoint, if any.
+    GetEndpoint {
+        container_id: String,
+        ifname: String,
+    },
+    /// Every endpoint the agent knows.
+    ListEndpoints,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_name: String,
+    /// The node's podCIDR, e.g. `10.244.1.0/24`.
+    pub pod_cidr: String,
+    /// MTU for pod interfaces (uplink MTU minus encapsulation overhead).
+    pub mtu: u32,
+    /// The pods' default gateway (link-local, answered by a static neighbour entry).
+    pub gateway: Ipv4Addr,
+}
+
+/// A pod interface as the CNI binary created it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Endpoint {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: MacAddr,
+    pub pod_mac: MacAddr,
+}
+
+/// Why the agent refused a request.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub message: String,
+    /// True when the agent cannot serve yet (no podCIDR, datapath loading):
+    /// the runtime should try again later.
+    #[serde(default)]
+    pub not_ready: bool,
+}
+
+impl ApiError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ApiError {
+            message: message.into(),
+            not_ready: false,
+        }
+    }
+    pub fn not_ready(message: impl Into<String>) -> Self {
+        ApiError {
+            message: message.into(),
+            not_ready: true,
+        }
+    }
+}
+
+pub type Response<T> = Result<T, ApiError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the Beeline agent is not running or not reachable at {path}: {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the Beeline agent at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the Beeline agent sent an unreadable answer: {0}")]
+    Protocol(#[from] serde_json::Error),
+    #[error("the Beeline agent refused: {0}")]
+    Agent(#[from] ApiError),
+}
+
+/// A blocking client: the CNI binary is short-lived and makes a few calls.
+pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Client {
+            path: path.into(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn node_info(&self) -> Result<NodeInfo, ClientError> {
+        self.call(&Request::NodeInfo)
+    }
+
+    pub fn register(&self, endpoint: &Endpoint) -> Result<(), ClientError> {
+        self.call(&Request::Register {
+            endpoint: endpoint.clone(),
+        })
+    }
+
+    pub fn unregister(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Endpoint>, ClientError> {
+        self.call(&Request::Unregister {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        })
+    }
+
+    pub fn get_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Endpoint>, ClientError> {
+        self.call(&Request::GetEndpoint {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        })
+    }
+
+    pub fn list_endpoints(&self) -> Result<Vec<Endpoint>, ClientError> {
+        self.call(&Request::ListEndpoints)
+    }
+
+    fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut stream =
+            UnixStream::connect(&self.path).map_err(|source| ClientError::Unreachable {
+                path: self.path.clone(),
+                source,
+            })?;
+        stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io)?;
+        let mut reader = BufReader::new(stream).take(MAX_MESSAGE_BYTES as u64);
+        let mut answer = String::new();
+        reader.read_line(&mut answer).map_err(io)?;
+        let response: Response<T> = serde_json::from_str(&answer)?;
+        Ok(response?)
+    }
+}
+
+/// An Ethernet address, written `02:42:ac:11:00:02` in JSON.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts
+                .next()
+                .ok_or_else(|| format!("bad MAC address {s:?}"))?;
+            if part.len() != 2 {
+                return Err(format!("bad MAC address {s:?}"));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("bad MAC address {s:?}"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("bad MAC address {s:?}"));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl TryFrom<&[u8]> for MacAddr {
+    type Error = String;
+    fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
+        <[u8; 6]>::try_from(bytes)
+            .map(MacAddr)
+            .map_err(|_| format!("not a 6-byte MAC address: {bytes:?}"))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trips_and_rejects_garbage() {
+        let mac: MacAddr = "02:42:ac:11:00:0a".parse().unwrap();
+        assert_eq!(mac.0, [0x02, 0x42, 0xac, 0x11, 0x00, 0x0a]);
+        assert_eq!(mac.to_string(), "02:42:ac:11:00:0a");
+        for bad in [
+            "",
+            "02:42",
+            "02:42:ac:11:00:0a:01",
+            "zz:42:ac:11:00:0a",
+            "2:42:ac:11:00:0a",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn requests_are_tagged_json() {
+        let req = Request::Unregister {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        };
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"unregister","container_id":"c1","ifname":"eth0"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+    }
+
+    #[test]
+    fn unreachable_agent_is_reported_as_such() {
+        let client = Client::new("/nonexistent/beeline/agent.sock");
+        match client.node_info() {
+            Err(ClientError::Unreachable { .. }) => {}
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The eBPF datapath: loads the embedded object, pins its maps under the
+//! bpffs dir (reusing them across restarts) and attaches programs through
+//! pinned TCX links, which a newer program replaces atomically.
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    sys::SyscallError,
+};
+use beeline_common::{Endpoint, EndpointKey, map_names, program_names};
+use tracing::{debug, info};
+
+/// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beeline.bpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const LINKS_DIR: &str = "links";
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+}
+
+impl Datapath {
+    pub fn load(bpffs: &Path) -> Result<Datapath> {
+        ensure_bpffs(bpffs)?;
+        std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
+        let pins: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, bpffs.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel")?;
+        for name in [
+            program_names::FROM_POD,
+            program_names::FROM_UPLINK,
+            program_names::FROM_OVERLAY,
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        let endpoints = HashMap::try_from(
+            ebpf.take_map(map_names::ENDPOINTS)
+                .context("endpoints map missing")?,
+        )?;
+        info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
+        Ok(Datapath {
+            ebpf,
+            bpffs: bpffs.to_path_buf(),
+            endpoints,
+        })
+    }
+
+    fn link_pin(&self, ifname: &str, program: &str) -> PathBuf {
+        self.bpffs
+            .join(LINKS_DIR)
+            .join(format!("{program}-{ifname}"))
+    }
+
+    /// Attaches `program` at tc ingress of `ifname` through a pinned link, or
+    /// atomically swaps the program of an existing pinned link.
+    pub fn attach(&mut self, ifname: &str, program: &str) -> Result<()> {
+        let pin = self.link_pin(ifname, program);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .with_context(|| format!("program {program} missing"))?
+            .try_into()?;
+        let link_id = match PinnedLink::from_pin(&pin) {
+            Ok(old) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(old))?;
+                debug!(ifname, program, "replacing the program of a pinned link");
+                prog.attach_to_link(link)?
+            }
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                prog.attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {program} to {ifname}"))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading pin {}", pin.display())),
+        };
+        let link: FdLink = prog.take_link(link_id)?.try_into()?;
+        // Re-pinning an updated link: drop the old pin first.
+        let _ = std::fs::remove_file(&pin);
+        link.pin(&pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Removes the pinned link, which detaches the program.
+    pub fn detach(&self, ifname: &str, program: &str) -> Result<()> {
+        match std::fs::remove_file(self.link_pin(ifname, program)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Interfaces that have a pinned link for `program`.
+    pub fn attached(&self, program: &str) -> Result<Vec<String>> {
+        let prefix = format!("{program}-");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.bpffs.join(LINKS_DIR))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(ifname) = name.strip_prefix(&prefix) {
+                out.push(ifname.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<()> {
+        self.endpoints
+            .insert(EndpointKey { addr: ip.octets() }, endpoint, 0)
+            .with_context(|| format!("writing endpoint {ip} into the map"))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        match self.endpoints.remove(&EndpointKey { addr: ip.octets() }) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).with_context(|| format!("removing endpoint {ip} from the map")),
+        }
+    }
+
+    pub fn endpoint_entries(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>> {
+        self.endpoints
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| (Ipv4Addr::from(k.addr), v))
+                    .map_err(Into::into)
+            })
+            .collect()
+    }
+}
+
+/// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when the
+/// host has not (as on a fresh VM), and refuses any other filesystem.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
+    if dir.starts_with(DEFAULT_MOUNT) && !is_bpffs(Path::new(DEFAULT_MOUNT)) {
+        info!("mounting bpffs on {DEFAULT_MOUNT}");
+        nix::mount::mount(
+            Some("bpf"),
+            DEFAULT_MOUNT,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .context("cannot mount bpffs on /sys/fs/bpf")?;
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the bpffs dir {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        bail!(
+            "{} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or pick \
+             a --bpffs-dir under a bpffs mount",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}

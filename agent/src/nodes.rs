@@ -1,0 +1,141 @@
+//! Kubernetes Nodes as the agent needs them: name, IPv4 podCIDRs, InternalIP.
+//! The static source reads a NodeList exactly as `kubectl get nodes -o yaml`
+//! (or `-o json`) prints it, using the same k8s-openapi types as the watcher.
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use ipnet::{IpNet, Ipv4Net};
+use k8s_openapi::api::core::v1::Node;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRoute {
+    pub name: String,
+    pub pod_cidrs: Vec<Ipv4Net>,
+    pub internal_ip: Option<Ipv4Addr>,
+}
+
+impl NodeRoute {
+    pub fn from_node(node: &Node) -> Option<NodeRoute> {
+        let name = node.metadata.name.clone()?;
+        let spec = node.spec.as_ref();
+        let mut cidrs: Vec<&String> = spec
+            .and_then(|s| s.pod_cidrs.as_ref())
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
+        if let Some(single) = spec.and_then(|s| s.pod_cidr.as_ref())
+            && !cidrs.contains(&single)
+        {
+            cidrs.insert(0, single);
+        }
+        let pod_cidrs = cidrs
+            .into_iter()
+            .filter_map(|c| match c.parse::<IpNet>() {
+                Ok(IpNet::V4(v4)) => Some(v4.trunc()),
+                _ => None,
+            })
+            .collect();
+        let internal_ip = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .and_then(|addrs| {
+                addrs
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            });
+        Some(NodeRoute {
+            name,
+            pod_cidrs,
+            internal_ip,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct NodeList {
+    #[serde(default)]
+    items: Vec<Node>,
+}
+
+/// Parses a NodeList in JSON or YAML (`kind: List` or `kind: NodeList`).
+pub fn parse_node_list(text: &str) -> Result<Vec<NodeRoute>> {
+    // JSON is YAML: one parser for both, through serde_json's Value so the
+    // k8s-openapi deserializers see the JSON data model they were written for.
+    let value: serde_json::Value =
+        serde_yaml_ng::from_str(text).context("the node list is neither JSON nor YAML")?;
+    let list: NodeList =
+        serde_json::from_value(value).context("the node list is not a Kubernetes NodeList")?;
+    Ok(list.items.iter().filter_map(NodeRoute::from_node).collect())
+}
+
+pub fn read_node_list(path: &Path) -> Result<Vec<NodeRoute>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the nodes file {}", path.display()))?;
+    parse_node_list(&text).with_context(|| format!("in {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KUBECTL_YAML: &str = r#"
+apiVersion: v1
+items:
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: node-a
+    resourceVersion: "1234"
+  spec:
+    podCIDR: 10.244.0.0/24
+    podCIDRs:
+    - 10.244.0.0/24
+    - fd00:10:244::/64
+  status:
+    addresses:
+    - address: 192.168.50.2
+      type: InternalIP
+    - address: node-a
+      type: Hostname
+- apiVersion: v1
+  kind: Node
+  metadata:
+    name: node-b
+  spec: {}
+  status:
+    addresses:
+    - address: 192.168.50.3
+      type: InternalIP
+kind: List
+metadata:
+  resourceVersion: ""
+"#;
+
+    #[test]
+    fn parses_kubectl_yaml() {
+        let nodes = parse_node_list(KUBECTL_YAML).unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].name, "node-a");
+        assert_eq!(nodes[0].pod_cidrs, vec!["10.244.0.0/24".parse().unwrap()]);
+        assert_eq!(nodes[0].internal_ip, Some("192.168.50.2".parse().unwrap()));
+        // A node without a podCIDR yet is listed, with none.
+        assert!(nodes[1].pod_cidrs.is_empty());
+    }
+
+    #[test]
+    fn parses_kubectl_json() {
+        let json = r#"{"apiVersion":"v1","kind":"NodeList","items":[
+            {"metadata":{"name":"n1"},"spec":{"podCIDR":"10.1.2.0/24"},
+             "status":{"addresses":[{"type":"InternalIP","address":"10.0.0.1"}]}}]}"#;
+        let nodes = parse_node_list(json).unwrap();
+        assert_eq!(nodes[0].pod_cidrs, vec!["10.1.2.0/24".parse().unwrap()]);
+    }
+
+    #[test]
+    fn rejects_garbage_with_context() {
+        let err = parse_node_list("items: 3").unwrap_err();
+        assert!(format!("{err:#}").contains("NodeList"), "{err:#}");
+    }
+}

@@ -1,0 +1,171 @@
+//! The agent's persisted endpoints (`<state-dir>/endpoints.json`), written
+//! atomically (temp file, fsync, rename, fsync dir) before a request is
+//! answered, so a crash never loses or half-writes an endpoint.
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use beeline_proto::Endpoint;
+use serde::{Deserialize, Serialize};
+use tracing::error;
+
+const FILE: &str = "endpoints.json";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    endpoints: Vec<Endpoint>,
+}
+
+/// Key of an endpoint: the attachment (container id, interface name).
+pub type AttachmentKey = (String, String);
+
+pub fn key_of(ep: &Endpoint) -> AttachmentKey {
+    (ep.container_id.clone(), ep.ifname.clone())
+}
+
+pub struct EndpointStore {
+    path: PathBuf,
+    endpoints: BTreeMap<AttachmentKey, Endpoint>,
+}
+
+impl EndpointStore {
+    /// Loads the store; an unreadable file is moved aside (and logged) so the
+    /// agent can start and rebuild from the kernel state.
+    pub fn load(dir: &Path) -> Result<EndpointStore> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the state dir {}", dir.display()))?;
+        let path = dir.join(FILE);
+        let endpoints = match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
+                Ok(disk) => disk
+                    .endpoints
+                    .into_iter()
+                    .map(|e| (key_of(&e), e))
+                    .collect(),
+                Err(e) => {
+                    let aside = path.with_extension("json.corrupt");
+                    error!(
+                        "{} is unreadable ({e}); moved to {} and starting empty",
+                        path.display(),
+                        aside.display()
+                    );
+                    fs::rename(&path, &aside)?;
+                    BTreeMap::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(EndpointStore { path, endpoints })
+    }
+
+    pub fn get(&self, key: &AttachmentKey) -> Option<&Endpoint> {
+        self.endpoints.get(key)
+    }
+
+    pub fn by_ip(&self, ip: Ipv4Addr) -> Option<&Endpoint> {
+        self.endpoints.values().find(|e| e.ip == ip)
+    }
+
+    pub fn list(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Inserts and persists; on a write failure the change is rolled back.
+    pub fn insert(&mut self, ep: Endpoint) -> Result<Option<Endpoint>> {
+        let key = key_of(&ep);
+        let previous = self.endpoints.insert(key.clone(), ep);
+        if let Err(e) = self.save() {
+            match &previous {
+                Some(p) => self.endpoints.insert(key, p.clone()),
+                None => self.endpoints.remove(&key),
+            };
+            return Err(e);
+        }
+        Ok(previous)
+    }
+
+    /// Removes and persists; on a write failure the change is rolled back.
+    pub fn remove(&mut self, key: &AttachmentKey) -> Result<Option<Endpoint>> {
+        let Some(previous) = self.endpoints.remove(key) else {
+            return Ok(None);
+        };
+        if let Err(e) = self.save() {
+            self.endpoints.insert(key.clone(), previous);
+            return Err(e);
+        }
+        Ok(Some(previous))
+    }
+
+    fn save(&self) -> Result<()> {
+        let disk = OnDisk {
+            version: FORMAT_VERSION,
+            endpoints: self.endpoints.values().cloned().collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&disk)?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use beeline_proto::MacAddr;
+
+    fn ep(id: &str, ip: [u8; 4]) -> Endpoint {
+        Endpoint {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            netns: format!("/run/netns/{id}"),
+            ip: ip.into(),
+            host_ifname: format!("bl{id}"),
+            host_ifindex: 7,
+            host_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            pod_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        }
+    }
+
+    #[test]
+    fn survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EndpointStore::load(dir.path()).unwrap();
+        store.insert(ep("a", [10, 0, 0, 2])).unwrap();
+        store.insert(ep("b", [10, 0, 0, 3])).unwrap();
+        store.remove(&("a".into(), "eth0".into())).unwrap();
+        let reloaded = EndpointStore::load(dir.path()).unwrap();
+        assert_eq!(reloaded.len(), 1);
+        assert_eq!(
+            reloaded.by_ip([10, 0, 0, 3].into()).unwrap().container_id,
+            "b"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE), b"{\"version\":1,\"endp").unwrap();
+        let store = EndpointStore::load(dir.path()).unwrap();
+        assert_eq!(store.len(), 0);
+        assert!(dir.path().join("endpoints.json.corrupt").exists());
+    }
+}
