@@ -24,7 +24,6 @@ use tracing::{debug, info};
 /// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beeline.bpf.o"));
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const LINKS_DIR: &str = "links";
 
 pub struct Datapath {
@@ -194,5 +193,6 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
 }

@@ -1,13 +1,5 @@
 //! `beeline-agent`: one per node. `run` is the daemon; the other commands
 //! inspect the pinned maps and work while the daemon is down.
-mod agent;
-mod datapath;
-mod inspect;
-mod nodes;
-mod server;
-mod state;
-mod uplink;
-
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
@@ -15,7 +7,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::{agent::Agent, datapath::Datapath, nodes::NodeRoute, state::EndpointStore};
+use beeline_agent::{
+    agent::Agent, datapath::Datapath, inspect, nodes, nodes::NodeRoute, server,
+    state::EndpointStore, uplink,
+};
 
 /// VXLAN adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
 const VXLAN_OVERHEAD: u32 = 50;

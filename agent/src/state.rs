@@ -82,6 +82,10 @@ impl EndpointStore {
         self.endpoints.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
     /// Inserts and persists; on a write failure the change is rolled back.
     pub fn insert(&mut self, ep: Endpoint) -> Result<Option<Endpoint>> {
         let key = key_of(&ep);

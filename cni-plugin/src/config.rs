@@ -1,8 +1,5 @@
 //! The network configuration on stdin and the CNI_* environment.
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -32,9 +29,6 @@ pub struct NetConf {
     pub log_level: Option<String>,
     /// Where the built-in IP allocator keeps its state.
     pub data_dir: Option<PathBuf>,
-    pub prev_result: Option<Value>,
-    #[serde(flatten)]
-    pub other: HashMap<String, Value>,
 }
 
 impl NetConf {
@@ -148,7 +142,6 @@ pub enum Command {
 /// The CNI_* variables. Only those the command needs are required.
 #[derive(Debug, Clone)]
 pub struct Env {
-    pub command: Command,
     pub container_id: String,
     pub netns: Option<PathBuf>,
     pub ifname: String,
@@ -205,7 +198,6 @@ impl Env {
             return Err(CniError::new(code::INVALID_ENV, "CNI_NETNS is not set"));
         }
         Ok(Env {
-            command,
             container_id,
             netns,
             ifname,
@@ -251,8 +243,9 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
-    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
         let map: HashMap<String, String> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

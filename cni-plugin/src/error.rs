@@ -5,7 +5,6 @@ use serde::Serialize;
 /// Well-known error codes (CNI spec 1.1.0, "Error").
 pub mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
     pub const IO_FAILURE: u32 = 5;

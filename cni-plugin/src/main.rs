@@ -206,10 +206,10 @@ async fn undo_add(
     owner: &Owner,
     host_ifname: &str,
 ) {
-    if let Err(e) = agent.unregister(&owner.container_id, &owner.ifname) {
-        if !matches!(e, ClientError::Unreachable { .. }) {
-            warn!("undo: unregister failed: {e}");
-        }
+    if let Err(e) = agent.unregister(&owner.container_id, &owner.ifname)
+        && !matches!(e, ClientError::Unreachable { .. })
+    {
+        warn!("undo: unregister failed: {e}");
     }
     if let Err(e) = link::delete_by_name(host, host_ifname).await {
         warn!("undo: deleting {host_ifname} failed: {e}");

@@ -7,8 +7,6 @@ use rtnetlink::Handle;
 
 use crate::error::{CniError, Result, code};
 
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 /// Opens `path` and checks that it really is a network namespace.
 pub fn open(path: &Path) -> Result<File> {
     let file = File::open(path).map_err(|e| {
@@ -26,7 +24,7 @@ pub fn open(path: &Path) -> Result<File> {
         )
         .with_details(e)
     })?;
-    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
         return Err(CniError::new(
             code::INVALID_ENV,
             format!("CNI_NETNS {} is not a network namespace", path.display()),

@@ -1,1 +1,613 @@
+//! Test harness: real network namespaces as nodes and pods, the real agent
+//! and CNI binaries, and guards that clean up on every path (including
+//! panics), with unique names so tests run in parallel.
+use std::{
+    fs::File,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+pub use serde_json::json;
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests create network namespaces and load eBPF: run them as root \
+         (`sudo cargo xtask test`)"
+    );
+}
+
+/// A name unique to this process and call, short enough for interface names.
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{:x}{:x}",
+        std::process::id() & 0xffff,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Where the `beeline` and `beeline-agent` binaries are.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("BEELINE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask test` (it builds the binaries) or set BEELINE_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> NetNs {
+        let ns = NetNs {
+            name: unique(prefix),
+        };
+        run(Command::new("ip").args(["netns", "add", &ns.name]));
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command run inside the namespace (`nsenter --net`, which keeps
+    /// /sys and bpffs visible, unlike `ip netns exec`).
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg(program);
+        cmd
+    }
+
+    /// `ip -n <ns> args...`, asserting success.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = File::open(self.path()).expect("open netns");
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread in netns panicked")
+        })
+    }
+
+    pub fn ping(&self, ip: Ipv4Addr, count: u32) -> bool {
+        self.cmd("ping")
+            .args([
+                "-q",
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "-W",
+                "2",
+            ])
+            .arg(ip.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("ping runs (install iputils-ping)")
+            .success()
+    }
+
+    /// Names of the links in this namespace.
+    pub fn links(&self) -> Vec<String> {
+        let out = self.ip(&["-j", "link", "show"]);
+        let links: Value = serde_json::from_str(&out).unwrap();
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// (rx, tx) packet counters of `dev`.
+    pub fn link_packets(&self, dev: &str) -> (u64, u64) {
+        let out = self.ip(&["-j", "-s", "link", "show", "dev", dev]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let s = &v[0]["stats64"];
+        (
+            s["rx"]["packets"].as_u64().unwrap(),
+            s["tx"]["packets"].as_u64().unwrap(),
+        )
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Checks a TCP connection from `client` to `server_ip` in `server`: the
+/// server echoes what it reads.
+pub fn tcp_echo(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let listener = server.enter(|| TcpListener::bind(SocketAddr::from((server_ip, 0))));
+    let listener = listener.map_err(|e| format!("bind {server_ip}: {e}"))?;
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let echo = s.spawn(move || -> std::io::Result<()> {
+            listener.set_nonblocking(false)?;
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut buf = [0u8; 64];
+            let n = conn.read(&mut buf)?;
+            conn.write_all(&buf[..n])
+        });
+        let reply = client.enter(|| -> std::io::Result<Vec<u8>> {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            conn.write_all(b"beeline")?;
+            let mut buf = vec![0u8; 7];
+            conn.read_exact(&mut buf)?;
+            Ok(buf)
+        });
+        match reply {
+            Ok(buf) if buf == b"beeline" => {
+                echo.join().unwrap().map_err(|e| format!("server: {e}"))
+            }
+            Ok(buf) => Err(format!("wrong echo {buf:?}")),
+            Err(e) => {
+                // Unblock the accept so the scope can end.
+                let _ =
+                    client.enter(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)));
+                Err(format!("connect to {addr}: {e}"))
+            }
+        }
+    })
+}
+
+/// A simulated node: a namespace with an address, a scratch dir, a bpffs
+/// dir for pins, and (while running) an agent.
+pub struct Node {
+    pub name: String,
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+    pub dir: tempfile::TempDir,
+    pub bpffs: BpffsDir,
+    pub agent: Option<AgentProcess>,
+}
+
+impl Node {
+    /// A lone node: its address sits on an uplink veth (MTU 1500) whose
+    /// peer stays in the node namespace.
+    pub fn new(pod_cidr: &str, ip: Ipv4Addr) -> Node {
+        let ns = NetNs::new("bln");
+        ns.ip(&[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p",
+        ]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "uplink0"]);
+        ns.ip(&["link", "set", "uplink0", "up"]);
+        ns.ip(&["link", "set", "uplink0p", "up"]);
+        let name = format!("node-{}", ns.name);
+        let node = Node {
+            name: name.clone(),
+            ns,
+            ip,
+            dir: tempfile::tempdir().unwrap(),
+            bpffs: BpffsDir::new(),
+            agent: None,
+        };
+        node.write_nodes_file(&[(name.as_str(), Some(pod_cidr), ip)]);
+        node
+    }
+
+    pub fn nodes_file(&self) -> PathBuf {
+        self.dir.path().join("nodes.json")
+    }
+
+    /// Writes the NodeList the agent reads (atomically, so it never sees half).
+    pub fn write_nodes_file(&self, nodes: &[(&str, Option<&str>, Ipv4Addr)]) {
+        let items: Vec<Value> = nodes
+            .iter()
+            .map(|(name, cidr, ip)| {
+                let mut spec = json!({});
+                if let Some(c) = cidr {
+                    spec = json!({ "podCIDR": c, "podCIDRs": [c] });
+                }
+                json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": { "name": name },
+                    "spec": spec,
+                    "status": { "addresses": [{ "type": "InternalIP", "address": ip.to_string() }] },
+                })
+            })
+            .collect();
+        let list = json!({ "apiVersion": "v1", "kind": "List", "items": items });
+        let tmp = self.dir.path().join("nodes.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&list).unwrap()).unwrap();
+        std::fs::rename(&tmp, self.nodes_file()).unwrap();
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir.path().join("ipam")
+    }
+
+    pub fn start_agent(&mut self, extra_args: &[&str]) {
+        assert!(self.agent.is_none(), "agent already running");
+        self.agent = Some(AgentProcess::start(self, extra_args));
+    }
+
+    /// Stops the agent with SIGKILL (a crash).
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill();
+        }
+    }
+
+    /// The network configuration a runtime would pass to `beeline`.
+    pub fn cni_conf(&self, version: &str) -> Value {
+        json!({
+            "cniVersion": version,
+            "name": "beeline-test",
+            "type": "beeline",
+            "agentSocket": self.socket(),
+            "dataDir": self.ipam_dir(),
+            "logLevel": "debug",
+            "logFile": self.dir.path().join("cni.log"),
+        })
+    }
+
+    /// Executes the CNI binary inside the node namespace, as a runtime does.
+    pub fn cni(
+        &self,
+        command: &str,
+        conf: &Value,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+    ) -> CniOutput {
+        exec_cni(&self.ns, command, conf, container_id, netns, ifname)
+    }
+
+    pub fn agent_cli(&self, subcommand: &str) -> Value {
+        let out = run(Command::new(bin("beeline-agent"))
+            .args([subcommand, "--json", "--bpffs-dir"])
+            .arg(&self.bpffs.path));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Summed per-program counters (`beeline-agent stats --json`).
+    pub fn stats(&self) -> Value {
+        self.agent_cli("stats")
+    }
+
+    /// Endpoint map entries (`beeline-agent endpoints --json`).
+    pub fn map_endpoints(&self) -> Vec<Value> {
+        self.agent_cli("endpoints").as_array().unwrap().clone()
+    }
+
+    /// IPs recorded by the built-in allocator.
+    pub fn allocated_ips(&self) -> Vec<String> {
+        let dir = self.ipam_dir().join("beeline-test");
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return vec![];
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+            .collect()
+    }
+
+    /// Host-side pod veths in the node namespace.
+    pub fn pod_veths(&self) -> Vec<String> {
+        self.ns
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("bl"))
+            .collect()
+    }
+
+    pub fn link_pins(&self) -> Vec<String> {
+        std::fs::read_dir(self.bpffs.path.join("links"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Agent first (it holds the pins open), then bpffs, then the netns.
+        self.agent.take();
+    }
+}
+
+/// A bpffs directory for one agent's pins, removed on drop.
+pub struct BpffsDir {
+    pub path: PathBuf,
+}
+
+impl BpffsDir {
+    pub fn new() -> BpffsDir {
+        BpffsDir {
+            path: PathBuf::from("/sys/fs/bpf").join(unique("beeline-test-")),
+        }
+    }
+}
+
+impl Default for BpffsDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running `beeline-agent run` in a node namespace; killed on drop.
+pub struct AgentProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(node: &Node, extra_args: &[&str]) -> AgentProcess {
+        let log = node.dir.path().join("agent.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = node
+            .ns
+            .cmd(bin("beeline-agent"))
+            .arg("run")
+            .args(["--node-name", &node.name])
+            .arg("--socket")
+            .arg(node.socket())
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs.path)
+            .arg("--state-dir")
+            .arg(node.state_dir())
+            .arg("--nodes-file")
+            .arg(node.nodes_file())
+            .args(extra_args)
+            .env("BEELINE_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("start beeline-agent");
+        let mut agent = AgentProcess { child, log };
+        agent.wait_ready(&node.socket());
+        agent
+    }
+
+    fn wait_ready(&mut self, socket: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("agent exited with {status}:\n{}", self.log_text());
+            }
+            let client = beeline_proto::Client::new(socket);
+            match client.list_endpoints() {
+                Ok(_) => return,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("agent not ready after 30 s ({e}):\n{}", self.log_text()),
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct CniOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutput {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("CNI output is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// Panics with the plugin's error unless it succeeded.
+    pub fn expect_ok(self, what: &str) -> CniOutput {
+        assert!(
+            self.success,
+            "{what} failed: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The error code of a failed call (and checks the spec's error shape).
+    pub fn error_code(&self) -> u64 {
+        assert!(!self.success, "expected a failure, got {}", self.stdout);
+        let v = self.json();
+        assert!(
+            v["msg"].as_str().is_some_and(|m| !m.is_empty()),
+            "no msg: {v}"
+        );
+        assert!(v["cniVersion"].is_string(), "no cniVersion: {v}");
+        v["code"].as_u64().unwrap_or_else(|| panic!("no code: {v}"))
+    }
+}
+
+/// Runs the CNI binary as a runtime does: CNI_* env, config on stdin.
+pub fn exec_cni(
+    host_ns: &NetNs,
+    command: &str,
+    conf: &Value,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+) -> CniOutput {
+    use std::io::Write;
+    let mut cmd = host_ns.cmd(bin("beeline"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_PATH", "/opt/cni/bin:/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ns) = netns {
+        cmd.env("CNI_NETNS", ns);
+    }
+    let mut child = cmd.spawn().expect("run the beeline CNI binary");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(conf).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    CniOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A pod: its own netns plus the attachment the CNI binary made.
+pub struct Pod {
+    pub ns: NetNs,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    pub result: Value,
+}
+
+impl Pod {
+    /// ADDs a pod on `node` with the given spec version.
+    pub fn add(node: &Node, version: &str) -> Pod {
+        let ns = NetNs::new("blp");
+        let container_id = format!("ctr-{}", ns.name);
+        let out = node
+            .cni(
+                "ADD",
+                &node.cni_conf(version),
+                &container_id,
+                Some(&ns.path()),
+                "eth0",
+            )
+            .expect_ok("ADD");
+        let result = out.json();
+        let addr = result["ips"][0]["address"].as_str().unwrap();
+        let ip: Ipv4Addr = addr.trim_end_matches("/32").parse().unwrap();
+        let host_ifname = result["interfaces"][0]["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        Pod {
+            ns,
+            container_id,
+            ip,
+            host_ifname,
+            result,
+        }
+    }
+
+    pub fn del(&self, node: &Node) {
+        node.cni(
+            "DEL",
+            &node.cni_conf("1.1.0"),
+            &self.container_id,
+            Some(&self.ns.path()),
+            "eth0",
+        )
+        .expect_ok("DEL");
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

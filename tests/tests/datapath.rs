@@ -1,0 +1,151 @@
+//! The eBPF object itself, driven through the agent's `Datapath` with no
+//! daemon and no CNI binary: load, pin, attach to a veth in a test netns,
+//! send packets, read the counters and the receiver's socket.
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    time::Duration,
+};
+
+use beeline_agent::{datapath::Datapath, inspect};
+use beeline_common::{Endpoint, program_names::FROM_POD};
+use beeline_proto::MacAddr;
+use beeline_tests::*;
+
+/// A pod-like netns wired to `node` with a veth, set up as the CNI does.
+struct FakePod {
+    ns: NetNs,
+    host_if: String,
+    ip: Ipv4Addr,
+}
+
+impl FakePod {
+    fn new(node: &NetNs, ip: Ipv4Addr) -> FakePod {
+        let ns = NetNs::new("bld");
+        let host_if = unique("bld");
+        node.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        node.ip(&["link", "set", &host_if, "up"]);
+        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        let host_mac = mac(node, &host_if);
+        ns.ip(&[
+            "neigh",
+            "add",
+            "169.254.1.1",
+            "lladdr",
+            &host_mac.to_string(),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "onlink",
+        ]);
+        FakePod { ns, host_if, ip }
+    }
+}
+
+fn mac(ns: &NetNs, dev: &str) -> MacAddr {
+    let v: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
+    v[0]["address"].as_str().unwrap().parse().unwrap()
+}
+
+fn ifindex(ns: &NetNs, dev: &str) -> u32 {
+    let v: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
+    v[0]["ifindex"].as_u64().unwrap() as u32
+}
+
+#[test]
+fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
+    require_root();
+    let node = NetNs::new("bld");
+    let bpffs = BpffsDir::new();
+    let sender = FakePod::new(&node, Ipv4Addr::new(10, 99, 1, 1));
+    let receiver = FakePod::new(&node, Ipv4Addr::new(10, 99, 1, 2));
+
+    let mut datapath = node.enter(|| {
+        let mut dp = Datapath::load(&bpffs.path).expect("load the eBPF object");
+        dp.attach(&sender.host_if, FROM_POD)
+            .expect("attach to the host veth");
+        dp
+    });
+    // Maps are pinned by name under the bpffs dir.
+    for map in beeline_common::map_names::ALL {
+        assert!(bpffs.path.join(map).exists(), "{map} is not pinned");
+    }
+
+    // 1. Unknown destination: left to the host stack and counted as passed.
+    let before = inspect::stats(&bpffs.path).unwrap().from_pod;
+    sender.ns.enter(|| {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..10 {
+            sock.send_to(b"nobody", "10.99.1.77:9").unwrap();
+        }
+    });
+    let after = inspect::stats(&bpffs.path).unwrap().from_pod;
+    assert!(
+        after.passed_to_host >= before.passed_to_host + 10,
+        "passed_to_host went {} -> {}",
+        before.passed_to_host,
+        after.passed_to_host
+    );
+    assert_eq!(after.redirected_local, 0);
+
+    // 2. A registered endpoint: delivered into the receiver's netns.
+    datapath
+        .upsert_endpoint(
+            receiver.ip,
+            Endpoint {
+                host_ifindex: ifindex(&node, &receiver.host_if),
+                pod_mac: mac(&receiver.ns, "eth0").0,
+                host_mac: mac(&node, &receiver.host_if).0,
+            },
+        )
+        .unwrap();
+    let listener = receiver
+        .ns
+        .enter(|| UdpSocket::bind((receiver.ip, 7777)))
+        .unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    sender.ns.enter(|| {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.send_to(b"hello beeline", (receiver.ip, 7777)).unwrap();
+    });
+    let mut buf = [0u8; 64];
+    let (n, from) = listener
+        .recv_from(&mut buf)
+        .expect("the datagram was redirected");
+    assert_eq!(&buf[..n], b"hello beeline");
+    assert_eq!(from.ip(), sender.ip);
+    let stats = inspect::stats(&bpffs.path).unwrap().from_pod;
+    assert!(stats.redirected_local >= 1, "{stats:?}");
+    assert_eq!(stats.dropped_helper_error, 0);
+
+    // The endpoint is visible through the pinned map, as operators see it.
+    let rows = inspect::endpoints(&bpffs.path).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].ip, receiver.ip);
+
+    // 3. Detaching removes the link pin and the program stops counting.
+    datapath.detach(&sender.host_if, FROM_POD).unwrap();
+    assert!(datapath.attached(FROM_POD).unwrap().is_empty());
+    let before = inspect::stats(&bpffs.path).unwrap().from_pod;
+    sender.ns.enter(|| {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.send_to(b"x", (receiver.ip, 7777)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let after = inspect::stats(&bpffs.path).unwrap().from_pod;
+    assert_eq!(before, after, "a detached program still ran");
+}
