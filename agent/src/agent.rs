@@ -2,7 +2,10 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
-use beeline_common::program_names::FROM_POD;
+use beeline_common::{
+    NodeConfig,
+    program_names::{FROM_OVERLAY, FROM_POD, FROM_UPLINK},
+};
 use beeline_proto::{ApiError, Endpoint, NodeInfo, Request};
 use ipnet::Ipv4Net;
 use serde_json::Value;
@@ -10,8 +13,28 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::Datapath,
+    masquerade,
+    nodes::NodeRoute,
+    remote::{Mode, desired_entries},
     state::{AttachmentKey, EndpointStore, key_of},
+    uplink::{self, Uplink, VXLAN_DEVICE},
 };
+
+/// VXLAN adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// How this node reaches the others; fixed at start.
+#[derive(Debug, Clone)]
+pub struct NetworkConfig {
+    pub mode: Mode,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    /// `--pod-mtu`, overriding the uplink-derived value.
+    pub pod_mtu: Option<u32>,
+    /// Destinations never masqueraded, besides every node's podCIDR.
+    pub no_masquerade: Vec<Ipv4Net>,
+    pub masquerade: bool,
+}
 
 /// The pods' default gateway: link-local, never on the wire (the pod has a
 /// permanent neighbour entry for it pointing at its host veth).
@@ -19,10 +42,16 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 pub struct Agent {
     pub node_name: String,
-    pub pod_cidr: Option<Ipv4Net>,
-    pub pod_mtu: u32,
+    pub network: NetworkConfig,
     pub datapath: Datapath,
     pub store: EndpointStore,
+    pub netlink: rtnetlink::Handle,
+    /// From this node's Node object; `None` until it has one.
+    pub pod_cidr: Option<Ipv4Net>,
+    /// Set once the uplink (the interface with the node's InternalIP) is found.
+    pub uplink: Option<Uplink>,
+    pub vxlan_ifindex: u32,
+    pub nodes: Vec<NodeRoute>,
 }
 
 /// What a reconcile pass changed, for logs and tests.
@@ -58,19 +87,134 @@ impl Agent {
         }
     }
 
-    fn node_info(&self) -> Result<NodeInfo, ApiError> {
-        let pod_cidr = self.pod_cidr.ok_or_else(|| {
-            ApiError::not_ready(format!(
+    /// Why pods cannot be networked yet, if they cannot.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.pod_cidr.is_none() {
+            return Some(format!(
                 "node {} has no podCIDR yet; waiting for it",
                 self.node_name
-            ))
-        })?;
+            ));
+        }
+        if self.uplink.is_none() {
+            return Some(format!(
+                "node {}: no interface holds its InternalIP yet; waiting for it",
+                self.node_name
+            ));
+        }
+        None
+    }
+
+    pub fn pod_mtu(&self) -> u32 {
+        let uplink_mtu = self.uplink.as_ref().map_or(1500, |u| u.mtu);
+        self.network
+            .pod_mtu
+            .unwrap_or(if self.network.mode.may_encapsulate() {
+                uplink_mtu - VXLAN_OVERHEAD
+            } else {
+                uplink_mtu
+            })
+    }
+
+    fn node_info(&self) -> Result<NodeInfo, ApiError> {
+        if let Some(reason) = self.not_ready_reason() {
+            return Err(ApiError::not_ready(reason));
+        }
         Ok(NodeInfo {
             node_name: self.node_name.clone(),
-            pod_cidr: pod_cidr.to_string(),
-            mtu: self.pod_mtu,
+            pod_cidr: self.pod_cidr.expect("ready").to_string(),
+            mtu: self.pod_mtu(),
             gateway: POD_GATEWAY,
         })
+    }
+
+    /// Applies a new snapshot of the cluster's Nodes: local podCIDR, local
+    /// datapath setup (once the uplink is known), remote CIDR map and
+    /// masquerade exceptions.
+    pub async fn sync_nodes(&mut self, nodes: Vec<NodeRoute>) -> Result<()> {
+        let me = nodes.iter().find(|n| n.name == self.node_name).cloned();
+        let pod_cidr = match &me {
+            None => {
+                warn!(
+                    "node {} is not in the node list; waiting for it",
+                    self.node_name
+                );
+                None
+            }
+            Some(n) if n.pod_cidrs.is_empty() => {
+                warn!(
+                    "node {} has no IPv4 podCIDR yet; waiting for it",
+                    self.node_name
+                );
+                None
+            }
+            Some(n) => Some(n.pod_cidrs[0]),
+        };
+        if pod_cidr != self.pod_cidr {
+            info!(from = ?self.pod_cidr, to = ?pod_cidr, "local podCIDR");
+            self.pod_cidr = pod_cidr;
+        }
+        if let Some(ip) = me.as_ref().and_then(|n| n.internal_ip)
+            && self.uplink.as_ref().is_none_or(|u| u.net.addr() != ip)
+        {
+            self.setup_local(ip).await?;
+        }
+        let uplink_net = self.uplink.as_ref().map(|u| u.net);
+        let desired = desired_entries(&nodes, &self.node_name, self.network.mode, uplink_net);
+        let (upserted, removed) = self.datapath.sync_remote(&desired)?;
+        if upserted + removed > 0 {
+            info!(
+                upserted,
+                removed,
+                remote_cidrs = desired.len(),
+                "remote node routes updated"
+            );
+        }
+        if self.network.masquerade
+            && let Some(pod_cidr) = self.pod_cidr
+        {
+            let mut exceptions: Vec<Ipv4Net> =
+                nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect();
+            exceptions.extend(self.network.no_masquerade.iter().copied());
+            exceptions.sort();
+            exceptions.dedup();
+            masquerade::apply(pod_cidr, &exceptions).context("installing the masquerade rules")?;
+        }
+        self.nodes = nodes;
+        Ok(())
+    }
+
+    /// Finds the uplink, creates the VXLAN device, fills the node config map
+    /// and attaches the from-uplink / from-overlay programs.
+    async fn setup_local(&mut self, node_ip: Ipv4Addr) -> Result<()> {
+        let Some(up) = uplink::find(&self.netlink, node_ip).await? else {
+            warn!(%node_ip, "no interface holds this node's InternalIP yet");
+            return Ok(());
+        };
+        let vxlan_ifindex = if self.network.mode.may_encapsulate() {
+            let index = uplink::ensure_vxlan(
+                &self.netlink,
+                self.network.vxlan_port,
+                up.mtu - VXLAN_OVERHEAD,
+            )
+            .await?;
+            self.datapath.attach(VXLAN_DEVICE, FROM_OVERLAY)?;
+            index
+        } else {
+            0
+        };
+        self.datapath.set_node_config(NodeConfig {
+            uplink_ifindex: up.ifindex,
+            vxlan_ifindex,
+            vni: self.network.vni,
+            node_addr: node_ip.octets(),
+        })?;
+        self.datapath.attach(&up.ifname, FROM_UPLINK)?;
+        // Pod traffic leaving the cluster goes through the host stack.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        info!(uplink = %up.ifname, mtu = up.mtu, net = %up.net, vxlan_ifindex, mode = ?self.network.mode, "node datapath ready");
+        self.uplink = Some(up);
+        self.vxlan_ifindex = vxlan_ifindex;
+        Ok(())
     }
 
     fn register(&mut self, ep: Endpoint) -> Result<(), ApiError> {

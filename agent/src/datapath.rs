@@ -2,6 +2,7 @@
 //! bpffs dir (reusing them across restarts) and attaches programs through
 //! pinned TCX links, which a newer program replaces atomically.
 use std::{
+    collections::BTreeMap,
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -10,7 +11,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
+    maps::{
+        Array, HashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -18,7 +22,8 @@ use aya::{
     },
     sys::SyscallError,
 };
-use beeline_common::{Endpoint, EndpointKey, map_names, program_names};
+use beeline_common::{Endpoint, EndpointKey, NodeConfig, RemoteNode, map_names, program_names};
+use ipnet::Ipv4Net;
 use tracing::{debug, info};
 
 /// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
@@ -30,6 +35,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     bpffs: PathBuf,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    remote_cidrs: LpmTrie<MapData, [u8; 4], RemoteNode>,
+    node_config: Array<MapData, NodeConfig>,
 }
 
 impl Datapath {
@@ -64,11 +71,21 @@ impl Datapath {
             ebpf.take_map(map_names::ENDPOINTS)
                 .context("endpoints map missing")?,
         )?;
+        let remote_cidrs = LpmTrie::try_from(
+            ebpf.take_map(map_names::REMOTE_CIDRS)
+                .context("remote CIDR map missing")?,
+        )?;
+        let node_config = Array::try_from(
+            ebpf.take_map(map_names::NODE_CONFIG)
+                .context("node config map missing")?,
+        )?;
         info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
         Ok(Datapath {
             ebpf,
             bpffs: bpffs.to_path_buf(),
             endpoints,
+            remote_cidrs,
+            node_config,
         })
     }
 
@@ -152,6 +169,49 @@ impl Datapath {
             }
             Err(e) => Err(e).with_context(|| format!("removing endpoint {ip} from the map")),
         }
+    }
+
+    pub fn set_node_config(&mut self, config: NodeConfig) -> Result<()> {
+        self.node_config
+            .set(0, config, 0)
+            .context("writing the node config map")
+    }
+
+    pub fn remote_entries(&self) -> Result<BTreeMap<Ipv4Net, RemoteNode>> {
+        let mut out = BTreeMap::new();
+        for entry in self.remote_cidrs.iter() {
+            let (key, value) = entry?;
+            let net = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?;
+            out.insert(net, value);
+        }
+        Ok(out)
+    }
+
+    /// Makes the remote CIDR trie equal to `desired`; returns (upserted, removed).
+    pub fn sync_remote(
+        &mut self,
+        desired: &BTreeMap<Ipv4Net, RemoteNode>,
+    ) -> Result<(usize, usize)> {
+        let current = self.remote_entries()?;
+        let mut upserted = 0;
+        for (net, value) in desired {
+            if current.get(net) != Some(value) {
+                let key = Key::new(net.prefix_len().into(), net.network().octets());
+                self.remote_cidrs
+                    .insert(&key, value, 0)
+                    .with_context(|| format!("writing remote CIDR {net}"))?;
+                upserted += 1;
+            }
+        }
+        let mut removed = 0;
+        for net in current.keys().filter(|n| !desired.contains_key(n)) {
+            let key = Key::new(net.prefix_len().into(), net.network().octets());
+            self.remote_cidrs
+                .remove(&key)
+                .with_context(|| format!("removing remote CIDR {net}"))?;
+            removed += 1;
+        }
+        Ok((upserted, removed))
     }
 
     pub fn endpoint_entries(&self) -> Result<Vec<(Ipv4Addr, Endpoint)>> {

@@ -3,8 +3,8 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use beeline_common::{Counters, Endpoint, EndpointKey, StatsSlot, map_names};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use beeline_common::{Counters, Endpoint, EndpointKey, RemoteNode, StatsSlot, Tunnel, map_names};
 use beeline_proto::MacAddr;
 use serde::Serialize;
 
@@ -43,6 +43,42 @@ pub fn endpoints(bpffs: &Path) -> Result<Vec<EndpointRow>> {
         .collect::<Result<Vec<_>, _>>()?;
     rows.sort_by_key(|r| r.ip);
     Ok(rows)
+}
+
+#[derive(Serialize)]
+pub struct RemoteRow {
+    pub pod_cidr: String,
+    pub node_ip: Ipv4Addr,
+    pub tunnel: &'static str,
+}
+
+/// The remote podCIDR trie: which node (and how) each CIDR goes to.
+pub fn remote_cidrs(bpffs: &Path) -> Result<Vec<RemoteRow>> {
+    let map: LpmTrie<MapData, [u8; 4], RemoteNode> =
+        LpmTrie::try_from(Map::LpmTrie(pinned(bpffs, map_names::REMOTE_CIDRS)?))?;
+    let mut rows = map
+        .iter()
+        .map(|r| {
+            r.map(|(k, v)| RemoteRow {
+                pod_cidr: format!("{}/{}", Ipv4Addr::from(k.data()), k.prefix_len()),
+                node_ip: Ipv4Addr::from(v.node_addr),
+                tunnel: if v.tunnel == Tunnel::Vxlan as u32 {
+                    "vxlan"
+                } else {
+                    "direct"
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.sort_by(|a, b| a.pod_cidr.cmp(&b.pod_cidr));
+    Ok(rows)
+}
+
+pub fn print_remote_cidrs(rows: &[RemoteRow]) {
+    println!("{:<20} {:<16} {:<7}", "POD CIDR", "NODE IP", "TUNNEL");
+    for r in rows {
+        println!("{:<20} {:<16} {:<7}", r.pod_cidr, r.node_ip, r.tunnel);
+    }
 }
 
 #[derive(Serialize, Default, Debug, Clone, Copy, PartialEq, Eq)]

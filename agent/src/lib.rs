@@ -3,7 +3,10 @@
 pub mod agent;
 pub mod datapath;
 pub mod inspect;
+pub mod masquerade;
+pub mod node_source;
 pub mod nodes;
+pub mod remote;
 pub mod server;
 pub mod state;
 pub mod uplink;

@@ -3,18 +3,19 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
+use beeline_agent::{
+    agent::{Agent, NetworkConfig},
+    datapath::Datapath,
+    inspect, node_source,
+    remote::Mode,
+    server,
+    state::EndpointStore,
+    uplink,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-
-use beeline_agent::{
-    agent::Agent, datapath::Datapath, inspect, nodes, nodes::NodeRoute, server,
-    state::EndpointStore, uplink,
-};
-
-/// VXLAN adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
-const VXLAN_OVERHEAD: u32 = 50;
-const DEFAULT_UPLINK_MTU: u32 = 1500;
 
 #[derive(Parser)]
 #[command(name = "beeline-agent", version, about = "Beeline node agent")]
@@ -37,6 +38,8 @@ enum Command {
     Run(RunArgs),
     /// List the endpoints in the pinned endpoint map.
     Endpoints(InspectArgs),
+    /// List the remote podCIDRs and the node each one is forwarded to.
+    Nodes(InspectArgs),
     /// Show the per-program packet counters.
     Stats(InspectArgs),
 }
@@ -53,13 +56,33 @@ struct RunArgs {
     bpffs_dir: PathBuf,
     #[arg(long, default_value = "/var/lib/beeline")]
     state_dir: PathBuf,
-    /// A NodeList (JSON or YAML, as `kubectl get nodes -o yaml` prints it),
-    /// reloaded when it changes.
-    #[arg(long)]
-    nodes_file: PathBuf,
-    /// Pod interface MTU (default: the uplink's MTU minus VXLAN overhead).
+    /// Static node source: a NodeList (JSON or YAML, as `kubectl get nodes
+    /// -o yaml` prints it), reloaded when it changes. Without it, Nodes are
+    /// watched through the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    nodes_file: Option<PathBuf>,
+    /// Kubeconfig for the API (default: in-cluster config, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// How to reach other nodes.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    /// VXLAN network identifier.
+    #[arg(long, default_value_t = 1)]
+    vni: u32,
+    /// VXLAN UDP port.
+    #[arg(long, default_value_t = 4789)]
+    vxlan_port: u16,
+    /// Pod interface MTU (default: uplink MTU, minus 50 when VXLAN may be used).
     #[arg(long)]
     pod_mtu: Option<u32>,
+    /// Destinations pods reach with their own IP (every node's podCIDR is
+    /// always included). Repeatable.
+    #[arg(long = "no-masquerade-cidr", value_name = "CIDR")]
+    no_masquerade_cidrs: Vec<Ipv4Net>,
+    /// Do not install the egress masquerade rules.
+    #[arg(long)]
+    no_masquerade: bool,
 }
 
 #[derive(Args)]
@@ -86,6 +109,13 @@ fn main() -> std::process::ExitCode {
                 println!("{}", serde_json::to_string_pretty(&rows).unwrap());
             } else {
                 inspect::print_endpoints(&rows);
+            }
+        }),
+        Command::Nodes(args) => inspect::remote_cidrs(&args.bpffs_dir).map(|rows| {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows).unwrap());
+            } else {
+                inspect::print_remote_cidrs(&rows);
             }
         }),
         Command::Stats(args) => inspect::stats(&args.bpffs_dir).map(|stats| {
@@ -119,92 +149,87 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let nodes = nodes::read_node_list(&args.nodes_file)?;
-    let me = nodes.iter().find(|n| n.name == args.node_name);
-    let pod_cidr = local_pod_cidr(me, &args.node_name);
-    let pod_mtu = match args.pod_mtu {
-        Some(mtu) => mtu,
+    let (mut nodes_rx, source) = match &args.nodes_file {
+        Some(path) => node_source::static_file(path.clone())?,
         None => {
-            let uplink_mtu = match me.and_then(|n| n.internal_ip) {
-                Some(ip) => uplink::mtu_of_address(ip).await?,
-                None => None,
-            };
-            uplink_mtu.unwrap_or(DEFAULT_UPLINK_MTU) - VXLAN_OVERHEAD
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            node_source::kubernetes(client)
         }
     };
     let datapath = Datapath::load(&args.bpffs_dir)?;
     let store = EndpointStore::load(&args.state_dir)?;
     let mut agent = Agent {
         node_name: args.node_name.clone(),
-        pod_cidr,
-        pod_mtu,
+        network: NetworkConfig {
+            mode: args.mode,
+            vni: args.vni,
+            vxlan_port: args.vxlan_port,
+            pod_mtu: args.pod_mtu,
+            no_masquerade: args.no_masquerade_cidrs.clone(),
+            masquerade: !args.no_masquerade,
+        },
         datapath,
         store,
+        netlink: uplink::netlink()?,
+        pod_cidr: None,
+        uplink: None,
+        vxlan_ifindex: 0,
+        nodes: Vec::new(),
     };
     let report = agent.reconcile()?;
     info!(?report, "reconciled persisted endpoints with the kernel");
+    let initial = nodes_rx.borrow_and_update().clone();
+    agent.sync_nodes(initial).await?;
     let agent = Arc::new(Mutex::new(agent));
 
     let listener = server::bind(&args.socket)?;
-    info!(
-        socket = %args.socket.display(),
-        node = %args.node_name,
-        pod_cidr = ?pod_cidr.map(|c| c.to_string()),
-        pod_mtu,
-        "agent ready"
-    );
+    {
+        let a = agent.lock().await;
+        info!(
+            socket = %args.socket.display(),
+            node = %args.node_name,
+            pod_cidr = ?a.pod_cidr.map(|c| c.to_string()),
+            pod_mtu = a.pod_mtu(),
+            not_ready = ?a.not_ready_reason(),
+            "agent serving"
+        );
+    }
     let server = tokio::spawn(server::serve(listener, agent.clone()));
-    let watcher = tokio::spawn(watch_nodes_file(
-        args.nodes_file.clone(),
-        args.node_name.clone(),
-        agent.clone(),
-    ));
+    let syncer = tokio::spawn(sync_nodes_forever(nodes_rx, agent.clone()));
     let reconciler = tokio::spawn(reconcile_periodically(agent.clone()));
 
     shutdown_signal().await;
     info!("shutting down; pinned maps and links keep pod traffic flowing");
-    server.abort();
-    watcher.abort();
-    reconciler.abort();
+    for task in [server, syncer, reconciler, source] {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }
 
-fn local_pod_cidr(me: Option<&NodeRoute>, node_name: &str) -> Option<ipnet::Ipv4Net> {
-    match me {
-        None => {
-            warn!("node {node_name} is not in the node list yet; waiting for it");
-            None
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
-        Some(n) if n.pod_cidrs.is_empty() => {
-            warn!("node {node_name} has no IPv4 podCIDR yet; waiting for it");
-            None
-        }
-        Some(n) => Some(n.pod_cidrs[0]),
-    }
+        None => kube::Config::infer().await.context(
+            "no node source: pass --nodes-file, or run in a cluster / with a kubeconfig",
+        )?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
-/// Static node source: re-reads the file when its modification time changes.
-async fn watch_nodes_file(path: PathBuf, node_name: String, agent: Arc<Mutex<Agent>>) {
-    let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut last = mtime(&path);
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = mtime(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match nodes::read_node_list(&path) {
-            Ok(nodes) => {
-                let cidr = local_pod_cidr(nodes.iter().find(|n| n.name == node_name), &node_name);
-                let mut agent = agent.lock().await;
-                if agent.pod_cidr != cidr {
-                    info!(from = ?agent.pod_cidr, to = ?cidr, "local podCIDR changed");
-                    agent.pod_cidr = cidr;
-                }
-            }
-            Err(e) => warn!("ignoring unreadable node list: {e:#}"),
+/// Applies every node snapshot the source publishes.
+async fn sync_nodes_forever(
+    mut rx: tokio::sync::watch::Receiver<node_source::Snapshot>,
+    agent: Arc<Mutex<Agent>>,
+) {
+    while rx.changed().await.is_ok() {
+        let snapshot = rx.borrow_and_update().clone();
+        if let Err(e) = agent.lock().await.sync_nodes(snapshot).await {
+            warn!("applying the node list: {e:#}");
         }
     }
 }

@@ -1,56 +1,166 @@
-//! The node's uplink: the interface that carries its InternalIP.
+//! The node's uplink (the interface carrying its InternalIP) and the VXLAN
+//! device, through rtnetlink.
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
-use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVxlan,
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    },
+};
+
+pub const VXLAN_DEVICE: &str = "beeline-vxlan";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uplink {
     pub ifindex: u32,
     pub ifname: String,
     pub mtu: u32,
+    /// The node address with the uplink's prefix: peers inside it are on-link.
+    pub net: Ipv4Net,
+}
+
+pub fn netlink() -> Result<Handle> {
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
+    tokio::spawn(connection);
+    Ok(handle)
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
 }
 
 /// Finds the interface holding `ip` in the agent's netns.
-pub async fn find(ip: Ipv4Addr) -> Result<Option<Uplink>> {
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
-    let conn = tokio::spawn(connection);
-    let result = async {
-        let mut addrs = handle.address().get().execute();
-        let mut index = None;
-        while let Some(msg) = addrs.try_next().await? {
-            let holds = msg
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
-            if holds {
-                index = Some(msg.header.index);
-                break;
-            }
+pub async fn find(handle: &Handle, ip: Ipv4Addr) -> Result<Option<Uplink>> {
+    let mut addrs = handle.address().get().execute();
+    let mut found = None;
+    while let Some(msg) = addrs.try_next().await? {
+        let holds = msg.attributes.iter().any(|a| {
+            matches!(a, AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) if *a == ip)
+        });
+        if holds {
+            found = Some((msg.header.index, msg.header.prefix_len));
         }
-        let Some(index) = index else { return Ok(None) };
-        let mut links = handle.link().get().match_index(index).execute();
-        let Some(link) = links.try_next().await? else { return Ok(None) };
-        let mut up = Uplink {
-            ifindex: index,
-            ifname: String::new(),
-            mtu: 0,
-        };
-        for attr in link.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => up.ifname = n,
-                LinkAttribute::Mtu(m) => up.mtu = m,
-                _ => {}
-            }
-        }
-        Ok::<_, rtnetlink::Error>(Some(up))
     }
-    .await;
-    conn.abort();
-    result.context("querying addresses and links")
+    let Some((index, prefix_len)) = found else {
+        return Ok(None);
+    };
+    let Some(link) = link_by_index(handle, index).await? else {
+        return Ok(None);
+    };
+    Ok(Some(Uplink {
+        ifindex: index,
+        ifname: name_of(&link),
+        mtu: mtu_of(&link),
+        net: Ipv4Net::new(ip, prefix_len)?,
+    }))
 }
 
-pub async fn mtu_of_address(ip: Ipv4Addr) -> Result<Option<u32>> {
-    Ok(find(ip).await?.map(|u| u.mtu))
+async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkMessage>> {
+    match handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn name_of(link: &LinkMessage) -> String {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn mtu_of(link: &LinkMessage) -> u32 {
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+fn is_vxlan(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Vxlan))))
+    })
+}
+
+/// Creates (or reuses) the node's VXLAN device in external (collect_md)
+/// mode: the eBPF program sets the remote and VNI per packet.
+pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32> {
+    if let Some(link) = link_by_name(handle, VXLAN_DEVICE).await? {
+        if !is_vxlan(&link) {
+            anyhow::bail!("{VXLAN_DEVICE} exists but is not a VXLAN device; remove it");
+        }
+        let index = link.header.index;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .context("updating the VXLAN device")?;
+        return Ok(index);
+    }
+    // In collect_md mode the device id stays 0: the per-packet tunnel key
+    // carries the VNI, and a non-zero id makes the kernel miss the device
+    // when it demultiplexes received packets.
+    let msg = LinkVxlan::new(VXLAN_DEVICE, 0)
+        .port(port)
+        .learning(false)
+        .collect_metadata(true)
+        .mtu(mtu)
+        .up()
+        .build();
+    handle
+        .link()
+        .add(msg)
+        .execute()
+        .await
+        .context("creating the VXLAN device")?;
+    let link = link_by_name(handle, VXLAN_DEVICE)
+        .await?
+        .context("the new VXLAN device vanished")?;
+    Ok(link.header.index)
+}
+
+pub async fn delete_vxlan(handle: &Handle) -> Result<bool> {
+    let Some(link) = link_by_name(handle, VXLAN_DEVICE).await? else {
+        return Ok(false);
+    };
+    handle.link().del(link.header.index).execute().await?;
+    Ok(true)
 }

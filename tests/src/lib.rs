@@ -133,6 +133,19 @@ impl NetNs {
             .success()
     }
 
+    /// One echo request, waiting at most `timeout` for the reply.
+    pub fn ping_once(&self, ip: Ipv4Addr, timeout: Duration) -> bool {
+        self.cmd("ping")
+            .args(["-q", "-n", "-c", "1", "-W"])
+            .arg(format!("{:.1}", timeout.as_secs_f32()))
+            .arg(ip.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("ping runs (install iputils-ping)")
+            .success()
+    }
+
     /// Names of the links in this namespace.
     pub fn links(&self) -> Vec<String> {
         let out = self.ip(&["-j", "link", "show"]);
@@ -166,21 +179,21 @@ impl Drop for NetNs {
     }
 }
 
-/// Checks a TCP connection from `client` to `server_ip` in `server`: the
-/// server echoes what it reads.
-pub fn tcp_echo(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> Result<(), String> {
+/// Checks a TCP connection from `client` to `server_ip` in `server` (the
+/// server echoes what it reads) and returns the client address the server saw.
+pub fn tcp_echo(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> Result<SocketAddr, String> {
     use std::io::{Read, Write};
     let listener = server.enter(|| TcpListener::bind(SocketAddr::from((server_ip, 0))));
     let listener = listener.map_err(|e| format!("bind {server_ip}: {e}"))?;
     let addr = listener.local_addr().unwrap();
     std::thread::scope(|s| {
-        let echo = s.spawn(move || -> std::io::Result<()> {
-            listener.set_nonblocking(false)?;
-            let (mut conn, _) = listener.accept()?;
+        let echo = s.spawn(move || -> std::io::Result<SocketAddr> {
+            let (mut conn, peer) = listener.accept()?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = [0u8; 64];
             let n = conn.read(&mut buf)?;
-            conn.write_all(&buf[..n])
+            conn.write_all(&buf[..n])?;
+            Ok(peer)
         });
         let reply = client.enter(|| -> std::io::Result<Vec<u8>> {
             let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -198,7 +211,7 @@ pub fn tcp_echo(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> Result<(
             Err(e) => {
                 // Unblock the accept so the scope can end.
                 let _ =
-                    client.enter(|| TcpStream::connect_timeout(&addr, Duration::from_millis(200)));
+                    server.enter(|| TcpStream::connect_timeout(&addr, Duration::from_millis(500)));
                 Err(format!("connect to {addr}: {e}"))
             }
         }
@@ -224,20 +237,25 @@ impl Node {
         ns.ip(&[
             "link", "add", "uplink0", "type", "veth", "peer", "name", "uplink0p",
         ]);
+        ns.ip(&["link", "set", "uplink0p", "up"]);
+        let node = Node::with_uplink(ns, ip);
+        let name = node.name.clone();
+        node.write_nodes_file(&[(name.as_str(), Some(pod_cidr), ip)]);
+        node
+    }
+
+    /// A node whose `uplink0` (already in `ns`) gets `ip/24`.
+    fn with_uplink(ns: NetNs, ip: Ipv4Addr) -> Node {
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "uplink0"]);
         ns.ip(&["link", "set", "uplink0", "up"]);
-        ns.ip(&["link", "set", "uplink0p", "up"]);
-        let name = format!("node-{}", ns.name);
-        let node = Node {
-            name: name.clone(),
+        Node {
+            name: format!("node-{}", ns.name),
             ns,
             ip,
             dir: tempfile::tempdir().unwrap(),
             bpffs: BpffsDir::new(),
             agent: None,
-        };
-        node.write_nodes_file(&[(name.as_str(), Some(pod_cidr), ip)]);
-        node
+        }
     }
 
     pub fn nodes_file(&self) -> PathBuf {
@@ -279,7 +297,21 @@ impl Node {
         self.dir.path().join("ipam")
     }
 
+    /// Starts the agent and waits until it can network pods.
     pub fn start_agent(&mut self, extra_args: &[&str]) {
+        self.start_agent_unready(extra_args);
+        let client = beeline_proto::Client::new(self.socket());
+        let ready = eventually(Duration::from_secs(30), || client.node_info().is_ok());
+        assert!(
+            ready,
+            "agent never became ready: {:?}\n{}",
+            client.node_info(),
+            self.agent.as_ref().unwrap().log_text()
+        );
+    }
+
+    /// Starts the agent and waits only for its socket.
+    pub fn start_agent_unready(&mut self, extra_args: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         self.agent = Some(AgentProcess::start(self, extra_args));
     }
@@ -328,6 +360,11 @@ impl Node {
         self.agent_cli("stats")
     }
 
+    /// Remote CIDR map entries (`beeline-agent nodes --json`).
+    pub fn map_remote_cidrs(&self) -> Vec<Value> {
+        self.agent_cli("nodes").as_array().unwrap().clone()
+    }
+
     /// Endpoint map entries (`beeline-agent endpoints --json`).
     pub fn map_endpoints(&self) -> Vec<Value> {
         self.agent_cli("endpoints").as_array().unwrap().clone()
@@ -370,6 +407,95 @@ impl Drop for Node {
     fn drop(&mut self) {
         // Agent first (it holds the pins open), then bpffs, then the netns.
         self.agent.take();
+    }
+}
+
+/// Several nodes on one L2 underlay: a "fabric" namespace holding a bridge,
+/// each node's `uplink0` plugged into it. Node i has 192.168.100.(i+1)/24
+/// and podCIDR 10.244.(i+1).0/24.
+pub struct Cluster {
+    // Dropped in this order: nodes (agents first), then the fabric.
+    pub nodes: Vec<Node>,
+    pub fabric: NetNs,
+}
+
+impl Cluster {
+    pub fn new(count: usize) -> Cluster {
+        require_root();
+        let fabric = NetNs::new("blf");
+        fabric.ip(&["link", "add", "br0", "type", "bridge"]);
+        fabric.ip(&["link", "set", "br0", "up"]);
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            fabric,
+        };
+        for _ in 0..count {
+            cluster.add_node();
+        }
+        cluster
+    }
+
+    /// A new node on the fabric (not yet in anyone's node list).
+    pub fn add_node(&mut self) -> &mut Node {
+        let i = self.nodes.len();
+        let ns = NetNs::new("bln");
+        self.plug(&ns, "uplink0");
+        let node = Node::with_uplink(ns, Self::node_ip(i));
+        self.nodes.push(node);
+        self.nodes.last_mut().unwrap()
+    }
+
+    /// Connects `ns` to the fabric bridge with a veth named `ifname` in `ns`.
+    pub fn plug(&self, ns: &NetNs, ifname: &str) {
+        let port = unique("blf");
+        self.fabric.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", &ns.name,
+        ]);
+        self.fabric
+            .ip(&["link", "set", &port, "master", "br0", "up"]);
+    }
+
+    pub fn node_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 100, i as u8 + 1)
+    }
+
+    pub fn pod_cidr(i: usize) -> String {
+        format!("10.244.{}.0/24", i + 1)
+    }
+
+    /// Writes a NodeList holding `members` into every node's nodes file.
+    pub fn publish_nodes(&self, members: &[usize]) {
+        for node in &self.nodes {
+            self.publish_nodes_to(node, members);
+        }
+    }
+
+    /// Writes a NodeList holding `members` into `node`'s nodes file.
+    pub fn publish_nodes_to(&self, node: &Node, members: &[usize]) {
+        let list: Vec<(String, String, Ipv4Addr)> = members
+            .iter()
+            .map(|&i| {
+                (
+                    self.nodes[i].name.clone(),
+                    Self::pod_cidr(i),
+                    Self::node_ip(i),
+                )
+            })
+            .collect();
+        let entries: Vec<(&str, Option<&str>, Ipv4Addr)> = list
+            .iter()
+            .map(|(n, c, ip)| (n.as_str(), Some(c.as_str()), *ip))
+            .collect();
+        node.write_nodes_file(&entries);
+    }
+
+    /// Publishes all nodes and starts every agent with `extra_args`.
+    pub fn start(&mut self, extra_args: &[&str]) {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.publish_nodes(&all);
+        for node in &mut self.nodes {
+            node.start_agent(extra_args);
+        }
     }
 }
 
