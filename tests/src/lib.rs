@@ -392,11 +392,13 @@ impl Node {
             .collect()
     }
 
-    pub fn link_pins(&self) -> Vec<String> {
+    /// Pinned tc links of pod veths (the uplink's and VXLAN's stay).
+    pub fn pod_link_pins(&self) -> Vec<String> {
         std::fs::read_dir(self.bpffs.path.join("links"))
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("beeline_from_pod-"))
                     .collect()
             })
             .unwrap_or_default()

@@ -29,7 +29,7 @@ fn assert_nothing_left(node: &Node) {
         Vec::<serde_json::Value>::new(),
         "map entries left"
     );
-    assert_eq!(node.link_pins(), Vec::<String>::new(), "tc link pins left");
+    assert_eq!(node.pod_link_pins(), Vec::<String>::new(), "tc link pins left");
 }
 
 #[test]
