@@ -29,7 +29,11 @@ fn assert_nothing_left(node: &Node) {
         Vec::<serde_json::Value>::new(),
         "map entries left"
     );
-    assert_eq!(node.pod_link_pins(), Vec::<String>::new(), "tc link pins left");
+    assert_eq!(
+        node.pod_link_pins(),
+        Vec::<String>::new(),
+        "tc link pins left"
+    );
 }
 
 #[test]
@@ -262,5 +266,47 @@ fn add_of_an_existing_interface_is_an_error_that_keeps_the_pod() {
     );
     assert_eq!(node.allocated_ips().len(), 1);
     pod.del(&node);
+    assert_nothing_left(&node);
+}
+
+#[test]
+fn the_agent_waits_for_its_pod_cidr_and_says_so() {
+    require_root();
+    let mut node = Node::new(POD_CIDR, Ipv4Addr::new(192, 168, 90, 1));
+    let name = node.name.clone();
+    node.write_nodes_file(&[(name.as_str(), None, node.ip)]);
+    node.start_agent_unready(&[]);
+    let pod_ns = NetNs::new("blp");
+    let out = node.cni(
+        "ADD",
+        &node.cni_conf("1.1.0"),
+        "ctr-early",
+        Some(&pod_ns.path()),
+        "eth0",
+    );
+    assert_eq!(out.error_code(), 11, "{}", out.stdout);
+    assert!(out.stdout.contains("no podCIDR yet"), "{}", out.stdout);
+    assert_eq!(node.pod_veths(), Vec::<String>::new());
+    let log = node.agent.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("no IPv4 podCIDR yet"),
+        "the log should say why: {log}"
+    );
+
+    // The controller assigns the podCIDR: the same ADD now works, with the
+    // configured MTU overriding the agent's.
+    node.write_nodes_file(&[(name.as_str(), Some(POD_CIDR), node.ip)]);
+    let client = beeline_proto::Client::new(node.socket());
+    assert!(eventually(Duration::from_secs(10), || client
+        .node_info()
+        .is_ok()));
+    let mut conf = node.cni_conf("1.1.0");
+    conf["mtu"] = json!(1400);
+    node.cni("ADD", &conf, "ctr-early", Some(&pod_ns.path()), "eth0")
+        .expect_ok("ADD after the podCIDR arrived");
+    let link = pod_ns.ip(&["-j", "link", "show", "eth0"]);
+    assert!(link.contains("\"mtu\":1400"), "{link}");
+    node.cni("DEL", &conf, "ctr-early", Some(&pod_ns.path()), "eth0")
+        .expect_ok("DEL");
     assert_nothing_left(&node);
 }
