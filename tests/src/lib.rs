@@ -133,6 +133,40 @@ impl NetNs {
             .success()
     }
 
+    /// Average round-trip time in milliseconds over `count` echo requests,
+    /// or `None` if any was lost.
+    pub fn ping_rtt(&self, ip: Ipv4Addr, count: u32) -> Option<f64> {
+        let out = self
+            .cmd("ping")
+            .args([
+                "-q",
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.05",
+                "-W",
+                "2",
+            ])
+            .arg(ip.to_string())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        // "rtt min/avg/max/mdev = 0.041/0.052/0.066/0.010 ms"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let stats = text.lines().find(|l| l.contains("min/avg/max"))?;
+        stats
+            .split('=')
+            .nth(1)?
+            .trim()
+            .split('/')
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// One echo request, waiting at most `timeout` for the reply.
     pub fn ping_once(&self, ip: Ipv4Addr, timeout: Duration) -> bool {
         self.cmd("ping")
@@ -215,6 +249,53 @@ pub fn tcp_echo(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> Result<S
                 Err(format!("connect to {addr}: {e}"))
             }
         }
+    })
+}
+
+/// Bulk TCP from `client` to `server_ip` in `server` for `duration`;
+/// returns the goodput in Gbit/s.
+pub fn tcp_throughput(
+    server: &NetNs,
+    server_ip: Ipv4Addr,
+    client: &NetNs,
+    duration: Duration,
+) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let listener = server
+        .enter(|| TcpListener::bind(SocketAddr::from((server_ip, 0))))
+        .map_err(|e| format!("bind {server_ip}: {e}"))?;
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let sink = s.spawn(move || -> std::io::Result<(u64, Duration)> {
+            let (mut conn, _) = listener.accept()?;
+            let start = Instant::now();
+            let mut buf = vec![0u8; 1 << 17];
+            let mut total = 0u64;
+            loop {
+                match conn.read(&mut buf)? {
+                    0 => return Ok((total, start.elapsed())),
+                    n => total += n as u64,
+                }
+            }
+        });
+        let sent = client.enter(|| -> std::io::Result<()> {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let buf = vec![0x5au8; 1 << 17];
+            let end = Instant::now() + duration;
+            while Instant::now() < end {
+                conn.write_all(&buf)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = sent {
+            let _ = server.enter(|| TcpStream::connect_timeout(&addr, Duration::from_millis(500)));
+            return Err(format!("sending to {addr}: {e}"));
+        }
+        let (bytes, elapsed) = sink
+            .join()
+            .unwrap()
+            .map_err(|e| format!("receiving: {e}"))?;
+        Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
     })
 }
 
@@ -540,9 +621,13 @@ impl AgentProcess {
             .append(true)
             .open(&log)
             .unwrap();
+        use std::os::unix::process::CommandExt;
         let child = node
             .ns
             .cmd(bin("beeline-agent"))
+            // Its own process group: a Ctrl-C meant for the test or demo
+            // must not kill it before the cleanup runs.
+            .process_group(0)
             .arg("run")
             .args(["--node-name", &node.name])
             .arg("--socket")

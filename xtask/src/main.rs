@@ -20,6 +20,21 @@ enum Command {
     BuildEbpf(ebpf::BuildOptions),
     /// Everything CI checks: eBPF build, fmt, clippy, unit and integration tests.
     Test(TestOptions),
+    /// A 3-node cluster on this machine: pods, ping matrix, throughput, maps (root).
+    Demo(DemoOptions),
+}
+
+#[derive(clap::Args)]
+struct DemoOptions {
+    /// Leave the cluster running (remove it later with --down).
+    #[arg(long)]
+    keep: bool,
+    /// Remove a cluster left by --keep.
+    #[arg(long)]
+    down: bool,
+    /// How nodes reach each other: auto, direct or vxlan.
+    #[arg(long, default_value = "auto")]
+    mode: String,
 }
 
 #[derive(clap::Args)]
@@ -33,6 +48,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::BuildEbpf(opts) => ebpf::build(&opts).map(|_| ()),
         Command::Test(opts) => test(&opts),
+        Command::Demo(opts) => demo(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -43,7 +59,42 @@ fn main() -> ExitCode {
     }
 }
 
+fn demo(opts: &DemoOptions) -> Result<()> {
+    let root = util::workspace_root();
+    util::ensure_host_tools()?;
+    if !opts.down {
+        ebpf::build(&ebpf::BuildOptions::default())?;
+    }
+    util::step("building the agent, the CNI binary and the demo (release)");
+    util::run(util::cargo(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "beeline-agent",
+        "-p",
+        "beeline-cni",
+        "-p",
+        "beeline-tests",
+        "--bin",
+        "beeline-demo",
+        "--bin",
+        "beeline-agent",
+        "--bin",
+        "beeline",
+    ]))?;
+    let mut cmd = std::process::Command::new(root.join("target/release/beeline-demo"));
+    cmd.args(["--mode", &opts.mode]);
+    if opts.keep {
+        cmd.arg("--keep");
+    }
+    if opts.down {
+        cmd.arg("--down");
+    }
+    util::run(&mut cmd)
+}
+
 fn test(opts: &TestOptions) -> Result<()> {
+    util::ensure_host_tools()?;
     let root = util::workspace_root();
     ebpf::build(&ebpf::BuildOptions::default())?;
     util::step("cargo fmt --check");

@@ -34,6 +34,46 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The demo and the tests drive `ip`, `ping` and `nsenter`: install them
+/// (Debian) when missing, or say what to install.
+pub fn ensure_host_tools() -> Result<()> {
+    let missing: Vec<(&str, &str)> = [
+        ("ip", "iproute2"),
+        ("ping", "iputils-ping"),
+        ("nsenter", "util-linux"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !on_path(tool))
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    if on_path("apt-get") && is_root() {
+        step(&format!("installing {}", packages.join(" ")));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        return Ok(());
+    }
+    bail!(
+        "missing tools {:?}: install the packages {} and retry",
+        missing.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+        packages.join(" ")
+    )
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
 pub fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
