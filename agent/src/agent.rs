@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::Datapath,
-    masquerade,
+    health::Metrics,
+    install, masquerade,
     nodes::NodeRoute,
     remote::{Mode, desired_entries},
     state::{AttachmentKey, EndpointStore, key_of},
@@ -36,6 +37,15 @@ pub struct NetworkConfig {
     pub masquerade: bool,
 }
 
+/// Where to install the CNI binary and config once the node is ready.
+#[derive(Debug, Clone, Default)]
+pub struct CniInstall {
+    pub bin_dir: Option<std::path::PathBuf>,
+    pub binary: Option<std::path::PathBuf>,
+    pub conf_dir: Option<std::path::PathBuf>,
+    pub socket: std::path::PathBuf,
+}
+
 /// The pods' default gateway: link-local, never on the wire (the pod has a
 /// permanent neighbour entry for it pointing at its host veth).
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -52,6 +62,10 @@ pub struct Agent {
     pub uplink: Option<Uplink>,
     pub vxlan_ifindex: u32,
     pub nodes: Vec<NodeRoute>,
+    pub metrics: Metrics,
+    pub cni_install: CniInstall,
+    /// The conflist has been written (the node is advertised as ready).
+    pub cni_installed: bool,
 }
 
 /// What a reconcile pass changed, for logs and tests.
@@ -65,6 +79,20 @@ pub struct ReconcileReport {
 
 impl Agent {
     pub fn handle(&mut self, request: Request) -> Value {
+        let verb = match &request {
+            Request::NodeInfo => "node_info",
+            Request::Register { .. } => "register",
+            Request::Unregister { .. } => "unregister",
+            Request::GetEndpoint { .. } => "get_endpoint",
+            Request::ListEndpoints => "list_endpoints",
+        };
+        let response = self.dispatch(request);
+        self.metrics
+            .count_request(verb, response.get("Ok").is_some());
+        response
+    }
+
+    fn dispatch(&mut self, request: Request) -> Value {
         fn reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Value {
             serde_json::to_value(r).expect("responses serialize")
         }
@@ -180,6 +208,29 @@ impl Agent {
             masquerade::apply(pod_cidr, &exceptions).context("installing the masquerade rules")?;
         }
         self.nodes = nodes;
+        self.install_cni_when_ready()
+    }
+
+    /// Installs the CNI binary and then (last, atomically) the conflist,
+    /// once pods can really be networked.
+    fn install_cni_when_ready(&mut self) -> Result<()> {
+        if self.cni_installed || self.not_ready_reason().is_some() {
+            return Ok(());
+        }
+        let cfg = self.cni_install.clone();
+        if let Some(bin_dir) = &cfg.bin_dir {
+            let source = match &cfg.binary {
+                Some(path) => path.clone(),
+                None => install::default_cni_binary()?,
+            };
+            let dest = install::install_binary(&source, bin_dir)?;
+            info!(path = %dest.display(), "installed the CNI binary");
+        }
+        if let Some(conf_dir) = &cfg.conf_dir {
+            let dest = install::write_conflist(conf_dir, &cfg.socket)?;
+            info!(path = %dest.display(), "wrote the CNI network config: this node can network pods");
+        }
+        self.cni_installed = true;
         Ok(())
     }
 
@@ -326,6 +377,14 @@ impl Agent {
                 report.removed_orphan_links.push(ifname);
             }
         }
+        self.metrics
+            .count_action("removed_stale_endpoint", report.removed_stale.len());
+        self.metrics.count_action(
+            "removed_orphan_map_entry",
+            report.removed_orphan_entries.len(),
+        );
+        self.metrics
+            .count_action("removed_orphan_link", report.removed_orphan_links.len());
         Ok(report)
     }
 }

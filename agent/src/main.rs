@@ -1,98 +1,20 @@
 //! `beeline-agent`: one per node. `run` is the daemon; the other commands
 //! inspect the pinned maps and work while the daemon is down.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use beeline_agent::{
-    agent::{Agent, NetworkConfig},
+    agent::{Agent, CniInstall, NetworkConfig},
+    cli::{Cli, Command, LogFormat, RunArgs, UninstallArgs},
     datapath::Datapath,
-    inspect, node_source,
-    remote::Mode,
-    server,
+    health::{self, Metrics},
+    inspect, install, masquerade, node_source, server,
     state::EndpointStore,
     uplink,
 };
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
+use clap::Parser;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-
-#[derive(Parser)]
-#[command(name = "beeline-agent", version, about = "Beeline node agent")]
-struct Cli {
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the node daemon.
-    Run(RunArgs),
-    /// List the endpoints in the pinned endpoint map.
-    Endpoints(InspectArgs),
-    /// List the remote podCIDRs and the node each one is forwarded to.
-    Nodes(InspectArgs),
-    /// Show the per-program packet counters.
-    Stats(InspectArgs),
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// This node's name (its Node object).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// The API socket for the CNI binary.
-    #[arg(long, default_value = beeline_proto::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    #[arg(long, default_value = "/sys/fs/bpf/beeline")]
-    bpffs_dir: PathBuf,
-    #[arg(long, default_value = "/var/lib/beeline")]
-    state_dir: PathBuf,
-    /// Static node source: a NodeList (JSON or YAML, as `kubectl get nodes
-    /// -o yaml` prints it), reloaded when it changes. Without it, Nodes are
-    /// watched through the Kubernetes API.
-    #[arg(long, conflicts_with = "kubeconfig")]
-    nodes_file: Option<PathBuf>,
-    /// Kubeconfig for the API (default: in-cluster config, then ~/.kube/config).
-    #[arg(long, env = "KUBECONFIG")]
-    kubeconfig: Option<PathBuf>,
-    /// How to reach other nodes.
-    #[arg(long, value_enum, default_value_t = Mode::Auto)]
-    mode: Mode,
-    /// VXLAN network identifier.
-    #[arg(long, default_value_t = 1)]
-    vni: u32,
-    /// VXLAN UDP port.
-    #[arg(long, default_value_t = 4789)]
-    vxlan_port: u16,
-    /// Pod interface MTU (default: uplink MTU, minus 50 when VXLAN may be used).
-    #[arg(long)]
-    pod_mtu: Option<u32>,
-    /// Destinations pods reach with their own IP (every node's podCIDR is
-    /// always included). Repeatable.
-    #[arg(long = "no-masquerade-cidr", value_name = "CIDR")]
-    no_masquerade_cidrs: Vec<Ipv4Net>,
-    /// Do not install the egress masquerade rules.
-    #[arg(long)]
-    no_masquerade: bool,
-}
-
-#[derive(Args)]
-struct InspectArgs {
-    #[arg(long, default_value = "/sys/fs/bpf/beeline")]
-    bpffs_dir: PathBuf,
-    /// Machine-readable output.
-    #[arg(long)]
-    json: bool,
-}
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -118,6 +40,11 @@ fn main() -> std::process::ExitCode {
                 inspect::print_remote_cidrs(&rows);
             }
         }),
+        Command::Uninstall(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(uninstall(args))),
         Command::Stats(args) => inspect::stats(&args.bpffs_dir).map(|stats| {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&stats).unwrap());
@@ -175,6 +102,14 @@ async fn run(args: RunArgs) -> Result<()> {
         uplink: None,
         vxlan_ifindex: 0,
         nodes: Vec::new(),
+        metrics: Metrics::new(),
+        cni_install: CniInstall {
+            bin_dir: args.cni_bin_dir.clone(),
+            binary: args.cni_binary.clone(),
+            conf_dir: args.cni_conf_dir.clone(),
+            socket: args.socket.clone(),
+        },
+        cni_installed: false,
     };
     let report = agent.reconcile()?;
     info!(?report, "reconciled persisted endpoints with the kernel");
@@ -197,14 +132,73 @@ async fn run(args: RunArgs) -> Result<()> {
     let server = tokio::spawn(server::serve(listener, agent.clone()));
     let syncer = tokio::spawn(sync_nodes_forever(nodes_rx, agent.clone()));
     let reconciler = tokio::spawn(reconcile_periodically(agent.clone()));
+    let health = {
+        let (addr, agent, bpffs) = (args.health_addr, agent.clone(), args.bpffs_dir.clone());
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(addr, agent, bpffs).await {
+                tracing::error!("health and metrics server: {e:#}");
+            }
+        })
+    };
 
     shutdown_signal().await;
     info!("shutting down; pinned maps and links keep pod traffic flowing");
     for task in [server, syncer, reconciler, source] {
         task.abort();
     }
+    health.abort();
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// Removes everything Beeline installed on this node. Each step runs even if
+/// an earlier one failed; the first error is reported at the end.
+async fn uninstall(args: UninstallArgs) -> Result<()> {
+    let mut first_error: Option<anyhow::Error> = None;
+    let mut note = |what: &str, r: Result<bool>| match r {
+        Ok(true) => info!("removed {what}"),
+        Ok(false) => info!("{what}: already gone"),
+        Err(e) => {
+            warn!("{what}: {e:#}");
+            first_error.get_or_insert(e.context(what.to_string()));
+        }
+    };
+    // The config first: the kubelet stops sending pods here.
+    if let Some(dir) = &args.cni_conf_dir {
+        note(
+            "the CNI config",
+            install::remove(&dir.join(install::CONFLIST_NAME)),
+        );
+    }
+    if let Some(dir) = &args.cni_bin_dir {
+        note(
+            "the CNI binary",
+            install::remove(&dir.join(install::CNI_BINARY_NAME)),
+        );
+    }
+    note(
+        "the masquerade rules",
+        masquerade::remove().map(|()| true).map_err(Into::into),
+    );
+    let netlink = uplink::netlink()?;
+    note("the VXLAN device", uplink::delete_vxlan(&netlink).await);
+    // Unpinning the links detaches every program; unpinning the maps frees them.
+    note(
+        "the pinned maps and links",
+        match std::fs::remove_dir_all(&args.bpffs_dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        },
+    );
+    note(
+        "the endpoint state",
+        install::remove(&args.state_dir.join("endpoints.json")),
+    );
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {

@@ -1,0 +1,113 @@
+//! The command line, in the library so tests (and the deployment manifest
+//! checks) parse arguments with the very same definition.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
+
+use crate::remote::Mode;
+
+#[derive(Parser)]
+#[command(name = "beeline-agent", version, about = "Beeline node agent")]
+pub struct Cli {
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the node daemon.
+    Run(RunArgs),
+    /// List the endpoints in the pinned endpoint map.
+    Endpoints(InspectArgs),
+    /// List the remote podCIDRs and the node each one is forwarded to.
+    Nodes(InspectArgs),
+    /// Show the per-program packet counters.
+    Stats(InspectArgs),
+    /// Remove Beeline from this node: CNI config and binary, pins, links,
+    /// masquerade rules, the VXLAN device.
+    Uninstall(UninstallArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// This node's name (its Node object).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The API socket for the CNI binary.
+    #[arg(long, default_value = beeline_proto::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[arg(long, default_value = "/sys/fs/bpf/beeline")]
+    pub bpffs_dir: PathBuf,
+    #[arg(long, default_value = "/var/lib/beeline")]
+    pub state_dir: PathBuf,
+    /// Static node source: a NodeList (JSON or YAML, as `kubectl get nodes
+    /// -o yaml` prints it), reloaded when it changes. Without it, Nodes are
+    /// watched through the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub nodes_file: Option<PathBuf>,
+    /// Kubeconfig for the API (default: in-cluster config, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How to reach other nodes.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+    /// VXLAN network identifier.
+    #[arg(long, default_value_t = 1)]
+    pub vni: u32,
+    /// VXLAN UDP port.
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// Pod interface MTU (default: uplink MTU, minus 50 when VXLAN may be used).
+    #[arg(long)]
+    pub pod_mtu: Option<u32>,
+    /// Destinations pods reach with their own IP (every node's podCIDR is
+    /// always included). Repeatable.
+    #[arg(long = "no-masquerade-cidr", value_name = "CIDR")]
+    pub no_masquerade_cidrs: Vec<Ipv4Net>,
+    /// Do not install the egress masquerade rules.
+    #[arg(long)]
+    pub no_masquerade: bool,
+    /// Install the CNI binary into this directory once the datapath is ready.
+    #[arg(long)]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The CNI binary to install (default: `beeline` next to this program).
+    #[arg(long)]
+    pub cni_binary: Option<PathBuf>,
+    /// Write the CNI network config into this directory once the node can
+    /// network pods (so the node stays NotReady until then).
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Serve /healthz, /readyz and /metrics here.
+    #[arg(long, default_value = "127.0.0.1:9962")]
+    pub health_addr: std::net::SocketAddr,
+}
+
+#[derive(Args)]
+pub struct UninstallArgs {
+    #[arg(long, default_value = "/sys/fs/bpf/beeline")]
+    pub bpffs_dir: PathBuf,
+    #[arg(long, default_value = "/var/lib/beeline")]
+    pub state_dir: PathBuf,
+    #[arg(long)]
+    pub cni_bin_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub cni_conf_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[arg(long, default_value = "/sys/fs/bpf/beeline")]
+    pub bpffs_dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,380 @@
+//! Issue: agent lifecycle and observability. Restarts must not touch pod
+//! traffic, state is restored from disk and the kernel, the CNI config
+//! appears only when the node is ready, and everything is inspectable.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use beeline_tests::*;
+
+/// Program id behind a pinned tc link.
+fn linked_program_id(node: &Node, pin: &str) -> u32 {
+    let link = PinnedLink::from_pin(node.bpffs.path.join("links").join(pin)).unwrap();
+    FdLink::from(link).info().unwrap().program_id()
+}
+
+/// A TCP stream that sends continuously and counts what the receiver got,
+/// sampled every `SAMPLE`.
+struct Stream {
+    received: Arc<AtomicU64>,
+    failed: Arc<AtomicBool>,
+}
+
+const SAMPLE: Duration = Duration::from_millis(100);
+
+fn start_stream<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    server: &'env NetNs,
+    server_ip: Ipv4Addr,
+    client: &'env NetNs,
+    stop: Arc<AtomicBool>,
+) -> Stream {
+    let received = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
+    let listener = server
+        .enter(|| TcpListener::bind(SocketAddr::from((server_ip, 0))))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (r, f) = (received.clone(), failed.clone());
+    scope.spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    r.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    f.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    });
+    let f = failed.clone();
+    scope.spawn(move || {
+        let mut conn = client
+            .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .unwrap();
+        conn.set_write_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let buf = vec![7u8; 1 << 14];
+        while !stop.load(Ordering::Relaxed) {
+            if conn.write_all(&buf).is_err() {
+                f.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    });
+    Stream { received, failed }
+}
+
+/// Request/response over one connection; returns the worst round trip.
+fn ping_pong<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    server: &'env NetNs,
+    server_ip: Ipv4Addr,
+    client: &'env NetNs,
+    stop: Arc<AtomicBool>,
+) -> std::thread::ScopedJoinHandle<'scope, Result<Duration, String>> {
+    let listener = server
+        .enter(|| TcpListener::bind(SocketAddr::from((server_ip, 0))))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    scope.spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut b = [0u8; 1];
+        while conn.read_exact(&mut b).is_ok() {
+            if conn.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    scope.spawn(move || {
+        let mut conn = client
+            .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut worst = Duration::ZERO;
+        let mut b = [1u8; 1];
+        while !stop.load(Ordering::Relaxed) {
+            let t = Instant::now();
+            conn.write_all(&b).map_err(|e| format!("write: {e}"))?;
+            conn.read_exact(&mut b).map_err(|e| format!("read: {e}"))?;
+            worst = worst.max(t.elapsed());
+        }
+        Ok(worst)
+    })
+}
+
+#[test]
+fn killing_and_restarting_the_agent_never_stops_pod_traffic() {
+    let mut cluster = Cluster::new(2);
+    cluster.start(&["--mode", "auto"]);
+    let (a, b) = (
+        Pod::add(&cluster.nodes[0], "1.1.0"),
+        Pod::add(&cluster.nodes[0], "1.1.0"),
+    );
+    let c = Pod::add(&cluster.nodes[1], "1.1.0");
+    let pod_pin = format!("beeline_from_pod-{}", a.host_ifname);
+    let program_before = linked_program_id(&cluster.nodes[0], &pod_pin);
+    let stats_before = cluster.nodes[0].stats();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (samples_same, samples_cross, worst_rtt, failed) = std::thread::scope(|s| {
+        let same = start_stream(s, &b.ns, b.ip, &a.ns, stop.clone());
+        let cross = start_stream(s, &c.ns, c.ip, &a.ns, stop.clone());
+        let rr = ping_pong(s, &b.ns, b.ip, &a.ns, stop.clone());
+        let mut samples = (Vec::new(), Vec::new());
+        let mut last = (0, 0);
+        let mut sample = |samples: &mut (Vec<u64>, Vec<u64>)| {
+            std::thread::sleep(SAMPLE);
+            let now = (
+                same.received.load(Ordering::Relaxed),
+                cross.received.load(Ordering::Relaxed),
+            );
+            samples.0.push(now.0 - last.0);
+            samples.1.push(now.1 - last.1);
+            last = now;
+        };
+        for _ in 0..5 {
+            sample(&mut samples);
+        }
+        // SIGKILL: a crash. Pinned links and maps keep forwarding.
+        cluster.nodes[0].kill_agent();
+        for _ in 0..5 {
+            sample(&mut samples);
+        }
+        cluster.nodes[0].start_agent(&["--mode", "auto"]);
+        for _ in 0..5 {
+            sample(&mut samples);
+        }
+        // Once more: the new process swaps its program into the pinned links.
+        cluster.nodes[0].kill_agent();
+        cluster.nodes[0].start_agent(&["--mode", "auto"]);
+        for _ in 0..5 {
+            sample(&mut samples);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let worst = rr.join().unwrap();
+        let failed = same.failed.load(Ordering::Relaxed) || cross.failed.load(Ordering::Relaxed);
+        (samples.0, samples.1, worst, failed)
+    });
+
+    assert!(!failed, "a stream failed");
+    let worst = worst_rtt.expect("the request/response connection failed");
+    assert!(worst < Duration::from_secs(1), "a request waited {worst:?}");
+    // No gap longer than one sample interval: every sample saw bytes.
+    assert!(
+        samples_same.iter().all(|b| *b > 0),
+        "same-node gap: {samples_same:?}"
+    );
+    assert!(
+        samples_cross.iter().all(|b| *b > 0),
+        "cross-node gap: {samples_cross:?}"
+    );
+
+    let program_after = linked_program_id(&cluster.nodes[0], &pod_pin);
+    assert_ne!(
+        program_before, program_after,
+        "the restarted agent did not swap its program in"
+    );
+    let stats_after = cluster.nodes[0].stats();
+    let redirected = |s: &serde_json::Value| s["from_pod"]["redirected_local"].as_u64().unwrap();
+    assert!(
+        redirected(&stats_after) > redirected(&stats_before),
+        "counters were reset or stopped"
+    );
+    let log = cluster.nodes[0].agent.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("restored: 2"),
+        "the restart should restore both endpoints: {log}"
+    );
+    for pod in [&a, &b] {
+        pod.del(&cluster.nodes[0]);
+    }
+    c.del(&cluster.nodes[1]);
+}
+
+#[test]
+fn a_pod_deleted_while_the_agent_was_down_is_cleaned_up_on_start() {
+    require_root();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(192, 168, 90, 1));
+    node.start_agent(&[]);
+    let gone = Pod::add(&node, "1.1.0");
+    let kept = Pod::add(&node, "1.1.0");
+    node.kill_agent();
+    gone.del(&node); // the agent is down: DEL still succeeds
+    assert_eq!(
+        node.map_endpoints().len(),
+        2,
+        "nobody should have touched the map yet"
+    );
+    node.start_agent(&[]);
+    let entries = node.map_endpoints();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["ip"], kept.ip.to_string());
+    let log = node.agent.as_ref().unwrap().log_text();
+    assert!(
+        log.contains(&gone.container_id),
+        "the log should name what was removed: {log}"
+    );
+    assert!(node.ns.ping(kept.ip, 2));
+    kept.del(&node);
+}
+
+fn http_get(ns: &NetNs, path: &str) -> (u16, String) {
+    ns.enter(|| {
+        let mut conn = TcpStream::connect("127.0.0.1:9962").expect("health server");
+        write!(
+            conn,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).unwrap();
+        let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        (status, body)
+    })
+}
+
+#[test]
+fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
+    require_root();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(192, 168, 90, 1));
+    let name = node.name.clone();
+    node.write_nodes_file(&[(name.as_str(), None, node.ip)]);
+    let conf_dir = node.dir.path().join("net.d");
+    let bin_dir = node.dir.path().join("bin");
+    let conf_dir_arg = format!("--cni-conf-dir={}", conf_dir.display());
+    let bin_dir_arg = format!("--cni-bin-dir={}", bin_dir.display());
+    node.start_agent_unready(&[&conf_dir_arg, &bin_dir_arg]);
+    let conflist = conf_dir.join("10-beeline.conflist");
+
+    assert!(eventually(Duration::from_secs(5), || http_get(
+        &node.ns, "/healthz"
+    )
+    .0 == 200));
+    let (status, body) = http_get(&node.ns, "/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("no podCIDR"), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !conflist.exists(),
+        "config written before the node could network pods"
+    );
+
+    node.write_nodes_file(&[(name.as_str(), Some("10.244.1.0/24"), node.ip)]);
+    assert!(eventually(Duration::from_secs(10), || conflist.exists()));
+    assert_eq!(http_get(&node.ns, "/readyz").0, 200);
+    let conf: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
+    assert_eq!(conf["plugins"][0]["type"], "beeline");
+    assert_eq!(
+        conf["plugins"][0]["agentSocket"],
+        node.socket().display().to_string()
+    );
+    let installed = bin_dir.join("beeline");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(bin("beeline")).unwrap()
+    );
+    assert!(
+        std::fs::read_dir(&conf_dir).unwrap().count() == 1,
+        "temp files left in net.d"
+    );
+
+    let pod = Pod::add(&node, "1.1.0");
+    assert!(pod.ns.ping(Ipv4Addr::new(192, 168, 90, 1), 2));
+    let (status, metrics) = http_get(&node.ns, "/metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "beeline_endpoints 1",
+        "beeline_cni_requests_total{verb=\"register\",result=\"ok\"} 1",
+        "beeline_map_entries{map=\"endpoints\"} 1",
+        "beeline_datapath_packets_total{program=\"from_pod\",verdict=\"passed_to_host\"}",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
+    }
+    pod.del(&node);
+
+    let state_dir = format!("--state-dir={}", node.state_dir().display());
+    let bpffs = format!("--bpffs-dir={}", node.bpffs.path.display());
+    node.kill_agent();
+    let out = node
+        .ns
+        .cmd(bin("beeline-agent"))
+        .args(["uninstall", &bpffs, &state_dir, &conf_dir_arg, &bin_dir_arg])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!conflist.exists() && !installed.exists());
+    assert!(!node.bpffs.path.exists(), "pins left");
+    assert!(
+        !node.ns.links().iter().any(|l| l == "beeline-vxlan"),
+        "VXLAN device left"
+    );
+    let nft = node.ns.cmd("nft").args(["list", "tables"]).output();
+    if let Ok(nft) = nft {
+        assert!(
+            !String::from_utf8_lossy(&nft.stdout).contains("beeline"),
+            "masquerade table left"
+        );
+    }
+}
+
+#[test]
+fn bpftool_prints_the_field_names_of_every_pinned_map() {
+    require_root();
+    if Command::new("bpftool").arg("version").output().is_err() {
+        panic!("bpftool is needed for this test (apt-get install bpftool)");
+    }
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(192, 168, 90, 1));
+    node.start_agent(&[]);
+    let pod = Pod::add(&node, "1.1.0");
+    for (map, fields) in [
+        (
+            "BEELINE_ENDPOINTS",
+            &["addr", "host_ifindex", "pod_mac", "host_mac"][..],
+        ),
+        (
+            "BEELINE_NODE_CONFIG",
+            &["uplink_ifindex", "vxlan_ifindex", "vni", "node_addr"][..],
+        ),
+        (
+            "BEELINE_STATS",
+            &["redirected_local", "forwarded_direct", "passed_to_host"][..],
+        ),
+    ] {
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(node.bpffs.path.join(map))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        for field in fields {
+            assert!(
+                text.contains(&format!("\"{field}\"")),
+                "{map} dump lacks {field}:\n{text}"
+            );
+        }
+    }
+    pod.del(&node);
+}
