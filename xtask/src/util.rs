@@ -34,17 +34,29 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// The demo and the tests drive `ip`, `ping` and `nsenter`: install them
-/// (Debian) when missing, or say what to install.
+/// What building and running Beeline needs from the host: the C libraries
+/// behind nftnl (masquerade rules over netlink) and the tools the demo and
+/// tests drive (`ip`, `ping`, `nsenter`). Installs them on Debian when
+/// missing, or says what to install.
 pub fn ensure_host_tools() -> Result<()> {
-    let missing: Vec<(&str, &str)> = [
+    let mut missing: Vec<(&str, &str)> = [
         ("ip", "iproute2"),
         ("ping", "iputils-ping"),
         ("nsenter", "util-linux"),
+        ("pkg-config", "pkg-config"),
     ]
     .into_iter()
     .filter(|(tool, _)| !on_path(tool))
     .collect();
+    for (lib, package) in [("libnftnl", "libnftnl-dev"), ("libmnl", "libmnl-dev")] {
+        let found = Command::new("pkg-config")
+            .args(["--exists", lib])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            missing.push((lib, package));
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
