@@ -84,6 +84,7 @@ impl Agent {
             Request::Register { .. } => "register",
             Request::Unregister { .. } => "unregister",
             Request::GetEndpoint { .. } => "get_endpoint",
+            Request::CheckEndpoint { .. } => "check_endpoint",
             Request::ListEndpoints => "list_endpoints",
         };
         let response = self.dispatch(request);
@@ -108,6 +109,12 @@ impl Agent {
                 ifname,
             } => reply(Ok::<_, ApiError>(
                 self.store.get(&(container_id, ifname)).cloned(),
+            )),
+            Request::CheckEndpoint {
+                container_id,
+                ifname,
+            } => reply(Ok::<_, ApiError>(
+                self.check_endpoint(&(container_id, ifname)),
             )),
             Request::ListEndpoints => reply(Ok::<_, ApiError>(
                 self.store.list().cloned().collect::<Vec<_>>(),
@@ -272,10 +279,9 @@ impl Agent {
         let pod_cidr = self.node_info()?.pod_cidr;
         let pod_cidr: Ipv4Net = pod_cidr.parse().expect("stored podCIDR is valid");
         if !pod_cidr.contains(&ep.ip) {
-            return Err(ApiError::new(format!(
-                "{} is outside this node's podCIDR {pod_cidr}",
-                ep.ip
-            )));
+            // A delegated IPAM plugin may hand out other ranges: such a pod
+            // is reachable on this node only.
+            warn!(ip = %ep.ip, %pod_cidr, "endpoint outside the node's podCIDR: other nodes cannot reach it");
         }
         if let Some(other) = self.store.by_ip(ep.ip)
             && key_of(other) != key_of(&ep)
@@ -309,6 +315,35 @@ impl Agent {
         }
         info!(container = %ep.container_id, ip = %ep.ip, host_ifname = %ep.host_ifname, "endpoint registered");
         Ok(())
+    }
+
+    /// The differences between an endpoint's record and the kernel.
+    fn check_endpoint(&self, key: &AttachmentKey) -> Option<Vec<String>> {
+        let ep = self.store.get(key)?;
+        let mut problems = Vec::new();
+        match nix::net::if_::if_nametoindex(ep.host_ifname.as_str()) {
+            Ok(index) if index == ep.host_ifindex => {}
+            Ok(index) => problems.push(format!(
+                "{} has index {index}, the agent recorded {}",
+                ep.host_ifname, ep.host_ifindex
+            )),
+            Err(_) => problems.push(format!("{} does not exist", ep.host_ifname)),
+        }
+        match self.datapath.endpoint(ep.ip) {
+            Ok(Some(entry))
+                if entry.host_ifindex == ep.host_ifindex
+                    && entry.pod_mac == ep.pod_mac.0
+                    && entry.host_mac == ep.host_mac.0 => {}
+            Ok(Some(_)) => problems.push(format!("the endpoint map entry for {} differs", ep.ip)),
+            Ok(None) => problems.push(format!("the endpoint map has no entry for {}", ep.ip)),
+            Err(e) => problems.push(format!("reading the endpoint map: {e:#}")),
+        }
+        match self.datapath.attached(FROM_POD) {
+            Ok(ifnames) if ifnames.contains(&ep.host_ifname) => {}
+            Ok(_) => problems.push(format!("no program is attached to {}", ep.host_ifname)),
+            Err(e) => problems.push(format!("listing attached programs: {e:#}")),
+        }
+        Some(problems)
     }
 
     fn unregister(&mut self, key: &AttachmentKey) -> Result<Option<Endpoint>, ApiError> {
@@ -349,12 +384,18 @@ impl Agent {
     /// live ones (with this agent's program), drops those whose host veth is
     /// gone (deleted while the agent was down), and removes map entries and
     /// links nobody owns.
-    pub fn reconcile(&mut self) -> Result<ReconcileReport> {
+    ///
+    /// `restore` (at start) re-installs every live endpoint so this process's
+    /// program replaces the previous one; the periodic pass only cleans up.
+    pub fn reconcile(&mut self, restore: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let endpoints: Vec<Endpoint> = self.store.list().cloned().collect();
         for ep in endpoints {
             let alive = nix::net::if_::if_nametoindex(ep.host_ifname.as_str())
                 .is_ok_and(|i| i == ep.host_ifindex);
+            if alive && !restore {
+                continue;
+            }
             if alive {
                 self.install(&ep)
                     .with_context(|| format!("restoring endpoint {}", ep.ip))?;

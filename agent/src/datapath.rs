@@ -158,6 +158,14 @@ impl Datapath {
             .with_context(|| format!("writing endpoint {ip} into the map"))
     }
 
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<Endpoint>> {
+        match self.endpoints.get(&EndpointKey { addr: ip.octets() }, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
         match self.endpoints.remove(&EndpointKey { addr: ip.octets() }) {
             Ok(()) => Ok(()),

@@ -111,7 +111,7 @@ async fn run(args: RunArgs) -> Result<()> {
         },
         cni_installed: false,
     };
-    let report = agent.reconcile()?;
+    let report = agent.reconcile(true)?;
     info!(?report, "reconciled persisted endpoints with the kernel");
     let initial = nodes_rx.borrow_and_update().clone();
     agent.sync_nodes(initial).await?;
@@ -232,7 +232,7 @@ async fn sync_nodes_forever(
 async fn reconcile_periodically(agent: Arc<Mutex<Agent>>) {
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        match agent.lock().await.reconcile() {
+        match agent.lock().await.reconcile(false) {
             Ok(r)
                 if r.removed_stale.is_empty()
                     && r.removed_orphan_entries.is_empty()

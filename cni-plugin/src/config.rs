@@ -29,6 +29,21 @@ pub struct NetConf {
     pub log_level: Option<String>,
     /// Where the built-in IP allocator keeps its state.
     pub data_dir: Option<PathBuf>,
+    /// An IPAM plugin to delegate to (`{"type": "host-local", ...}`); the
+    /// built-in allocator when absent.
+    pub ipam: Option<Value>,
+    /// The previous plugin's result (chaining, CHECK).
+    pub prev_result: Option<Value>,
+    /// GC: the attachments the runtime still uses.
+    #[serde(rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 impl NetConf {
@@ -96,6 +111,17 @@ impl NetConf {
                 format!("mtu {mtu} is out of range (576..=65535)"),
             ));
         }
+        if let Some(ipam) = &self.ipam
+            && (ipam
+                .get("type")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty))
+        {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "\"ipam\" must name a plugin in \"type\" (or be left out for the built-in allocator)",
+            ));
+        }
         if let Some(level) = &self.log_level
             && level.parse::<tracing::Level>().is_err()
         {
@@ -114,6 +140,11 @@ impl NetConf {
     }
 
     /// The allocator's directory for this network.
+    /// The delegated IPAM plugin's type, if any.
+    pub fn ipam_type(&self) -> Option<&str> {
+        self.ipam.as_ref()?.get("type")?.as_str()
+    }
+
     pub fn ipam_dir(&self) -> PathBuf {
         self.data_dir
             .as_deref()
@@ -145,6 +176,9 @@ pub struct Env {
     pub container_id: String,
     pub netns: Option<PathBuf>,
     pub ifname: String,
+    /// Where delegated plugins are looked up.
+    pub cni_path: Option<String>,
+    pub cni_args: Option<String>,
 }
 
 impl Env {
@@ -167,6 +201,17 @@ impl Env {
                 ));
             }
         })
+    }
+
+    /// GC and STATUS concern the whole network, not one attachment.
+    pub fn for_gc(get: &impl Fn(&str) -> Option<String>) -> Env {
+        Env {
+            container_id: String::new(),
+            netns: None,
+            ifname: String::new(),
+            cni_path: get("CNI_PATH").filter(|s| !s.is_empty()),
+            cni_args: None,
+        }
     }
 
     /// Reads and validates the variables for an ADD, DEL or CHECK.
@@ -201,6 +246,8 @@ impl Env {
             container_id,
             netns,
             ifname,
+            cni_path: get("CNI_PATH").filter(|s| !s.is_empty()),
+            cni_args: get("CNI_ARGS").filter(|s| !s.is_empty()),
         })
     }
 }

@@ -23,6 +23,10 @@ pub mod code {
     pub const AGENT_REFUSED: u32 = 103;
     /// The IP store on disk is unreadable or could not be written.
     pub const IPAM_STORE: u32 = 104;
+    /// CHECK found the attachment different from what ADD made.
+    pub const CHECK_FAILED: u32 = 105;
+    /// The delegated IPAM plugin failed or could not be run.
+    pub const IPAM_DELEGATE: u32 = 106;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

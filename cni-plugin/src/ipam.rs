@@ -107,8 +107,17 @@ impl IpStore {
         Ok(out)
     }
 
+    /// Allocations with their owners, for GC.
+    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, Owner)>> {
+        let _lock = self.lock()?;
+        Ok(self
+            .records()?
+            .into_iter()
+            .filter_map(|(ip, owner)| Some((ip, owner?)))
+            .collect())
+    }
+
     /// The address held by `owner`, if any.
-    #[cfg(test)]
     pub fn find(&self, owner: &Owner) -> Result<Option<Ipv4Addr>> {
         let _lock = self.lock()?;
         Ok(self

@@ -1,7 +1,10 @@
 //! `beeline`: the CNI plugin binary. The runtime executes it with CNI_*
 //! variables and the network configuration on stdin; the result (or the
 //! spec's error object) goes to stdout.
+mod check;
+mod commands;
 mod config;
+mod delegate;
 mod error;
 mod ipam;
 mod link;
@@ -13,16 +16,11 @@ use std::{
     process::ExitCode,
 };
 
-use beeline_proto::{Client, ClientError, Endpoint};
-use ipnet::Ipv4Net;
 use serde_json::{Value, json};
-use tracing::{info, warn};
 
 use crate::{
     config::{Command, Env, MAX_CONFIG_BYTES, NetConf, SUPPORTED_VERSIONS},
-    error::{CniError, Result, code, from_agent},
-    ipam::{IpStore, Owner},
-    result::{AddResult, Interface},
+    error::{CniError, Result, code},
 };
 
 /// Version used for error objects when the config did not say.
@@ -80,19 +78,51 @@ fn run(get: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Val
     match command {
         Command::Add => {
             let env = Env::for_attachment(command, get)?;
-            runtime.block_on(add(&env, &conf)).map(Some)
+            runtime
+                .block_on(commands::add(&env, &conf, stdin))
+                .map(Some)
         }
         Command::Del => {
             let env = Env::for_attachment(command, get)?;
-            runtime.block_on(del(&env, &conf)).map(|()| None)
+            runtime
+                .block_on(commands::del(&env, &conf, stdin))
+                .map(|()| None)
         }
-        Command::Status => status(&conf).map(|()| None),
-        Command::Check | Command::Gc => Err(CniError::new(
-            code::INVALID_ENV,
-            format!("CNI_COMMAND {command:?} is not supported by this version of beeline"),
-        )),
+        Command::Check => {
+            require_version(&conf, "0.4.0", "CHECK")?;
+            let env = Env::for_attachment(command, get)?;
+            runtime
+                .block_on(check::check(&env, &conf, stdin))
+                .map(|()| None)
+        }
+        Command::Gc => {
+            require_version(&conf, "1.1.0", "GC")?;
+            let env = Env::for_gc(get);
+            runtime
+                .block_on(commands::gc(&env, &conf, stdin))
+                .map(|()| None)
+        }
+        Command::Status => {
+            require_version(&conf, "1.1.0", "STATUS")?;
+            commands::status(&conf).map(|()| None)
+        }
         Command::Version => unreachable!("handled above"),
     }
+}
+
+/// CHECK came with 0.4.0, GC and STATUS with 1.1.0.
+fn require_version(conf: &NetConf, min: &str, verb: &str) -> Result<()> {
+    let order = |v: &str| SUPPORTED_VERSIONS.iter().position(|s| *s == v);
+    if order(&conf.cni_version) < order(min) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{verb} needs cniVersion {min} or later, the config says {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn init_logging(conf: &NetConf) {
@@ -116,140 +146,4 @@ fn init_logging(conf: &NetConf) {
         Some(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
         None => builder.with_writer(std::io::stderr).try_init(),
     };
-}
-
-async fn add(env: &Env, conf: &NetConf) -> Result<Value> {
-    let netns_path = env.netns.as_ref().expect("ADD requires CNI_NETNS");
-    let netns = netns::open(netns_path)?;
-    let agent = Client::new(conf.agent_socket());
-    let node = agent.node_info().map_err(from_agent)?;
-    let pod_cidr: Ipv4Net = node.pod_cidr.parse().map_err(|e| {
-        CniError::new(
-            code::AGENT_REFUSED,
-            format!("the agent reported an invalid podCIDR {:?}", node.pod_cidr),
-        )
-        .with_details(e)
-    })?;
-    let mtu = conf.mtu.unwrap_or(node.mtu);
-    let host = netns::netlink_here()?;
-    let pod = netns::netlink_in(&netns)?;
-    let host_ifname = link::host_ifname(&env.container_id, &env.ifname);
-    if link::link_by_name(&host, &host_ifname).await?.is_some() {
-        return Err(CniError::new(
-            code::INTERFACE_EXISTS,
-            format!(
-                "interface {} of container {} is already set up (host side {host_ifname}); \
-                 DEL it first",
-                env.ifname, env.container_id
-            ),
-        ));
-    }
-
-    let store = IpStore::open(conf.ipam_dir())?;
-    let owner = Owner {
-        container_id: env.container_id.clone(),
-        ifname: env.ifname.clone(),
-    };
-    let ip = store.allocate(pod_cidr, &owner)?;
-    let setup = async {
-        let veth = link::create_veth(&host, &pod, &netns, &host_ifname, &env.ifname, mtu).await?;
-        link::configure_pod(&pod, &veth, ip, node.gateway).await?;
-        link::configure_host(&host, &veth, ip).await?;
-        let endpoint = Endpoint {
-            container_id: env.container_id.clone(),
-            ifname: env.ifname.clone(),
-            netns: netns_path.display().to_string(),
-            ip,
-            host_ifname: veth.host_ifname.clone(),
-            host_ifindex: veth.host_ifindex,
-            host_mac: veth.host_mac,
-            pod_mac: veth.pod_mac,
-        };
-        agent.register(&endpoint).map_err(from_agent)?;
-        Ok::<_, CniError>(veth)
-    };
-    match setup.await {
-        Ok(veth) => {
-            info!(container = %env.container_id, %ip, host_ifname, "pod attached");
-            Ok(AddResult {
-                interfaces: vec![
-                    Interface {
-                        name: veth.host_ifname,
-                        mac: veth.host_mac.to_string(),
-                        sandbox: None,
-                    },
-                    Interface {
-                        name: env.ifname.clone(),
-                        mac: veth.pod_mac.to_string(),
-                        sandbox: Some(netns_path.display().to_string()),
-                    },
-                ],
-                ip,
-                ip_interface: 1,
-                gateway: node.gateway,
-            }
-            .to_json(&conf.cni_version))
-        }
-        Err(e) => {
-            warn!(container = %env.container_id, "ADD failed, undoing: {e}");
-            undo_add(&agent, &host, &store, &owner, &host_ifname).await;
-            Err(e)
-        }
-    }
-}
-
-/// Best-effort removal of everything an ADD may have created.
-async fn undo_add(
-    agent: &Client,
-    host: &rtnetlink::Handle,
-    store: &IpStore,
-    owner: &Owner,
-    host_ifname: &str,
-) {
-    if let Err(e) = agent.unregister(&owner.container_id, &owner.ifname)
-        && !matches!(e, ClientError::Unreachable { .. })
-    {
-        warn!("undo: unregister failed: {e}");
-    }
-    if let Err(e) = link::delete_by_name(host, host_ifname).await {
-        warn!("undo: deleting {host_ifname} failed: {e}");
-    }
-    if let Err(e) = store.release(owner) {
-        warn!("undo: releasing the IP failed: {e}");
-    }
-}
-
-/// DEL succeeds when things are already gone: each step is idempotent.
-async fn del(env: &Env, conf: &NetConf) -> Result<()> {
-    let owner = Owner {
-        container_id: env.container_id.clone(),
-        ifname: env.ifname.clone(),
-    };
-    let agent = Client::new(conf.agent_socket());
-    match agent.unregister(&env.container_id, &env.ifname) {
-        Ok(_) => {}
-        // The agent drops entries whose host veth is gone when it (re)starts.
-        Err(e @ ClientError::Unreachable { .. }) => {
-            warn!("agent unreachable during DEL, it will reconcile on start: {e}")
-        }
-        Err(e) => return Err(from_agent(e)),
-    }
-    let host = netns::netlink_here()?;
-    let host_ifname = link::host_ifname(&env.container_id, &env.ifname);
-    link::delete_by_name(&host, &host_ifname).await?;
-    let store = IpStore::open(conf.ipam_dir())?;
-    let released = store.release(&owner)?;
-    info!(container = %env.container_id, ?released, "pod detached");
-    Ok(())
-}
-
-/// STATUS: ready when the agent answers with a podCIDR.
-fn status(conf: &NetConf) -> Result<()> {
-    Client::new(conf.agent_socket())
-        .node_info()
-        .map(|_| ())
-        .map_err(|e| {
-            let err = from_agent(e);
-            CniError::new(code::NOT_AVAILABLE, err.msg).with_details(err.details)
-        })
 }

@@ -21,6 +21,30 @@ pub struct AddResult {
 }
 
 impl AddResult {
+    /// The result when chained after other plugins: theirs (`prevResult`),
+    /// with our interfaces, address and route appended.
+    pub fn to_json_after(&self, cni_version: &str, prev: Option<&Value>) -> Value {
+        let mut ours = self.to_json(cni_version);
+        let Some(prev) = prev.filter(|p| p.is_object()) else {
+            return ours;
+        };
+        let mut merged = prev.clone();
+        merged["cniVersion"] = json!(cni_version);
+        let offset = prev["interfaces"].as_array().map_or(0, Vec::len);
+        for ip in ours["ips"].as_array_mut().into_iter().flatten() {
+            ip["interface"] = json!(ip["interface"].as_u64().unwrap_or(0) as usize + offset);
+        }
+        for key in ["interfaces", "ips", "routes"] {
+            let mut list = prev[key].as_array().cloned().unwrap_or_default();
+            list.extend(ours[key].as_array().cloned().unwrap_or_default());
+            merged[key] = json!(list);
+        }
+        if merged.get("dns").is_none() {
+            merged["dns"] = ours["dns"].take();
+        }
+        merged
+    }
+
     /// Serializes for `cni_version`: 0.3.x and 0.4.0 carry `"version": "4"`
     /// on every IP, 1.x dropped it.
     pub fn to_json(&self, cni_version: &str) -> Value {
@@ -75,6 +99,32 @@ mod tests {
             ip_interface: 1,
             gateway: Ipv4Addr::new(169, 254, 1, 1),
         }
+    }
+
+    #[test]
+    fn a_chained_result_keeps_the_previous_one() {
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "dummy0", "mac": "02:00:00:00:00:09"}],
+            "ips": [{"address": "192.0.2.5/24", "interface": 0}],
+            "routes": [{"dst": "198.51.100.0/24"}],
+            "dns": {"nameservers": ["192.0.2.53"]},
+        });
+        let json = sample().to_json_after("1.0.0", Some(&prev));
+        assert_eq!(json["interfaces"].as_array().unwrap().len(), 3);
+        assert_eq!(json["interfaces"][0]["name"], "dummy0");
+        assert_eq!(json["ips"][0]["address"], "192.0.2.5/24");
+        assert_eq!(json["ips"][1]["address"], "10.244.0.5/32");
+        assert_eq!(
+            json["ips"][1]["interface"], 2,
+            "index shifted past the previous interfaces"
+        );
+        assert_eq!(json["routes"].as_array().unwrap().len(), 2);
+        assert_eq!(json["dns"]["nameservers"][0], "192.0.2.53");
+        assert_eq!(
+            sample().to_json_after("1.0.0", None),
+            sample().to_json("1.0.0")
+        );
     }
 
     #[test]

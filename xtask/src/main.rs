@@ -4,7 +4,7 @@ mod util;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -22,6 +22,15 @@ enum Command {
     Test(TestOptions),
     /// A 3-node cluster on this machine: pods, ping matrix, throughput, maps (root).
     Demo(DemoOptions),
+    /// Build the container image (deploy/Containerfile) from release binaries.
+    Image(ImageOptions),
+}
+
+#[derive(clap::Args)]
+struct ImageOptions {
+    /// Image name and tag.
+    #[arg(long, default_value = "beeline:dev")]
+    tag: String,
 }
 
 #[derive(clap::Args)]
@@ -49,6 +58,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(opts) => ebpf::build(&opts).map(|_| ()),
         Command::Test(opts) => test(&opts),
         Command::Demo(opts) => demo(&opts),
+        Command::Image(opts) => image(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +101,39 @@ fn demo(opts: &DemoOptions) -> Result<()> {
         cmd.arg("--down");
     }
     util::run(&mut cmd)
+}
+
+fn image(opts: &ImageOptions) -> Result<()> {
+    let root = util::workspace_root();
+    // Say what is missing before minutes of compiling.
+    let builder = ["podman", "buildah"]
+        .into_iter()
+        .find(|b| util::on_path(b))
+        .context("no image builder: install podman (apt-get install podman) or buildah")?;
+    util::ensure_host_tools()?;
+    ebpf::build(&ebpf::BuildOptions::default())?;
+    util::step("building the agent and the CNI binary (release)");
+    util::run(util::cargo(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "beeline-agent",
+        "-p",
+        "beeline-cni",
+        "--bin",
+        "beeline-agent",
+        "--bin",
+        "beeline",
+    ]))?;
+    util::step(&format!(
+        "{builder} build -f deploy/Containerfile -t {} .",
+        opts.tag
+    ));
+    util::run(
+        std::process::Command::new(builder)
+            .current_dir(&root)
+            .args(["build", "-f", "deploy/Containerfile", "-t", &opts.tag, "."]),
+    )
 }
 
 fn test(opts: &TestOptions) -> Result<()> {

@@ -34,6 +34,12 @@ pub enum Request {
         container_id: String,
         ifname: String,
     },
+    /// Checks the endpoint's datapath state (map entry, attached program);
+    /// answers `None` for an unknown endpoint, else the problems found.
+    CheckEndpoint {
+        container_id: String,
+        ifname: String,
+    },
     /// Every endpoint the agent knows.
     ListEndpoints,
 }
@@ -153,6 +159,17 @@ impl Client {
         ifname: &str,
     ) -> Result<Option<Endpoint>, ClientError> {
         self.call(&Request::GetEndpoint {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        })
+    }
+
+    pub fn check_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Vec<String>>, ClientError> {
+        self.call(&Request::CheckEndpoint {
             container_id: container_id.into(),
             ifname: ifname.into(),
         })

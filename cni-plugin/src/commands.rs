@@ -1,0 +1,252 @@
+//! ADD, DEL, GC and STATUS.
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use beeline_proto::{Client, ClientError, Endpoint};
+use ipnet::Ipv4Net;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Env, NetConf},
+    delegate::{Delegate, first_ipv4},
+    error::{CniError, Result, code, from_agent},
+    ipam::{IpStore, Owner},
+    link, netns,
+    result::{AddResult, Interface},
+};
+
+/// Where the pod's address comes from: the built-in allocator, or the
+/// `ipam` plugin of the config.
+enum Addressing<'a> {
+    Builtin { store: IpStore, owner: Owner },
+    Delegated(Delegate<'a>),
+}
+
+impl<'a> Addressing<'a> {
+    fn new(env: &'a Env, conf: &'a NetConf, stdin: &'a [u8]) -> Result<Addressing<'a>> {
+        Ok(match conf.ipam_type() {
+            Some(plugin) => Addressing::Delegated(Delegate { plugin, env, stdin }),
+            None => Addressing::Builtin {
+                store: IpStore::open(conf.ipam_dir())?,
+                owner: Owner {
+                    container_id: env.container_id.clone(),
+                    ifname: env.ifname.clone(),
+                },
+            },
+        })
+    }
+
+    fn acquire(&self, pod_cidr: Ipv4Net) -> Result<Ipv4Addr> {
+        match self {
+            Addressing::Builtin { store, owner } => store.allocate(pod_cidr, owner),
+            Addressing::Delegated(d) => {
+                let result = d.exec("ADD")?.ok_or_else(|| {
+                    CniError::new(code::IPAM_DELEGATE, "the IPAM plugin printed no result")
+                })?;
+                first_ipv4(&result)
+            }
+        }
+    }
+
+    fn release(&self) -> Result<()> {
+        match self {
+            Addressing::Builtin { store, owner } => store.release(owner).map(|released| {
+                info!(?released, "released addresses");
+            }),
+            Addressing::Delegated(d) => d.exec("DEL").map(|_| ()),
+        }
+    }
+}
+
+pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
+    let netns_path = env.netns.as_ref().expect("ADD requires CNI_NETNS");
+    let netns = netns::open(netns_path)?;
+    let agent = Client::new(conf.agent_socket());
+    let node = agent.node_info().map_err(from_agent)?;
+    let pod_cidr: Ipv4Net = node.pod_cidr.parse().map_err(|e| {
+        CniError::new(
+            code::AGENT_REFUSED,
+            format!("the agent reported an invalid podCIDR {:?}", node.pod_cidr),
+        )
+        .with_details(e)
+    })?;
+    let mtu = conf.mtu.unwrap_or(node.mtu);
+    let host = netns::netlink_here()?;
+    let pod = netns::netlink_in(&netns)?;
+    let host_ifname = link::host_ifname(&env.container_id, &env.ifname);
+    if link::link_by_name(&host, &host_ifname).await?.is_some() {
+        return Err(CniError::new(
+            code::INTERFACE_EXISTS,
+            format!(
+                "interface {} of container {} is already set up (host side {host_ifname}); \
+                 DEL it first",
+                env.ifname, env.container_id
+            ),
+        ));
+    }
+
+    let addressing = Addressing::new(env, conf, stdin)?;
+    let ip = addressing.acquire(pod_cidr)?;
+    let setup = async {
+        let veth = link::create_veth(&host, &pod, &netns, &host_ifname, &env.ifname, mtu).await?;
+        link::configure_pod(&pod, &veth, ip, node.gateway).await?;
+        link::configure_host(&host, &veth, ip).await?;
+        let endpoint = Endpoint {
+            container_id: env.container_id.clone(),
+            ifname: env.ifname.clone(),
+            netns: netns_path.display().to_string(),
+            ip,
+            host_ifname: veth.host_ifname.clone(),
+            host_ifindex: veth.host_ifindex,
+            host_mac: veth.host_mac,
+            pod_mac: veth.pod_mac,
+        };
+        agent.register(&endpoint).map_err(from_agent)?;
+        Ok::<_, CniError>(veth)
+    };
+    match setup.await {
+        Ok(veth) => {
+            info!(container = %env.container_id, %ip, host_ifname, "pod attached");
+            Ok(AddResult {
+                interfaces: vec![
+                    Interface {
+                        name: veth.host_ifname,
+                        mac: veth.host_mac.to_string(),
+                        sandbox: None,
+                    },
+                    Interface {
+                        name: env.ifname.clone(),
+                        mac: veth.pod_mac.to_string(),
+                        sandbox: Some(netns_path.display().to_string()),
+                    },
+                ],
+                ip,
+                ip_interface: 1,
+                gateway: node.gateway,
+            }
+            .to_json_after(&conf.cni_version, conf.prev_result.as_ref()))
+        }
+        Err(e) => {
+            warn!(container = %env.container_id, "ADD failed, undoing: {e}");
+            if let Err(e) = agent.unregister(&env.container_id, &env.ifname)
+                && !matches!(e, ClientError::Unreachable { .. })
+            {
+                warn!("undo: unregister failed: {e}");
+            }
+            if let Err(e) = link::delete_by_name(&host, &host_ifname).await {
+                warn!("undo: deleting {host_ifname} failed: {e}");
+            }
+            if let Err(e) = addressing.release() {
+                warn!("undo: releasing {ip} failed: {e}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// DEL succeeds when things are already gone: each step is idempotent.
+pub async fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    let agent = Client::new(conf.agent_socket());
+    match agent.unregister(&env.container_id, &env.ifname) {
+        Ok(_) => {}
+        // The agent drops entries whose host veth is gone when it (re)starts.
+        Err(e @ ClientError::Unreachable { .. }) => {
+            warn!("agent unreachable during DEL, it will reconcile on start: {e}")
+        }
+        Err(e) => return Err(from_agent(e)),
+    }
+    let host = netns::netlink_here()?;
+    link::delete_by_name(&host, &link::host_ifname(&env.container_id, &env.ifname)).await?;
+    Addressing::new(env, conf, stdin)?.release()?;
+    info!(container = %env.container_id, "pod detached");
+    Ok(())
+}
+
+/// GC: releases every address, endpoint and veth of this network whose
+/// attachment is not in `cni.dev/valid-attachments`. Keeps going on errors
+/// and reports the first one.
+pub async fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
+    let valid: HashSet<(String, String)> = conf
+        .valid_attachments
+        .iter()
+        .flatten()
+        .map(|a| (a.container_id.clone(), a.ifname.clone()))
+        .collect();
+    let mut first_error: Option<CniError> = None;
+    let mut note = |r: Result<()>| {
+        if let Err(e) = r {
+            warn!("GC: {e}");
+            first_error.get_or_insert(e);
+        }
+    };
+    let mut stale: HashSet<(String, String)> = HashSet::new();
+
+    // Endpoints the agent knows. An agent that is down is not an error:
+    // it reconciles its map against the veths when it starts.
+    let agent = Client::new(conf.agent_socket());
+    match agent.list_endpoints() {
+        Ok(endpoints) => {
+            for ep in endpoints {
+                let key = (ep.container_id.clone(), ep.ifname.clone());
+                if !valid.contains(&key) {
+                    note(
+                        agent
+                            .unregister(&ep.container_id, &ep.ifname)
+                            .map(|_| ())
+                            .map_err(from_agent),
+                    );
+                    stale.insert(key);
+                }
+            }
+        }
+        Err(e) => warn!("GC: agent unreachable, skipping its endpoints: {e}"),
+    }
+    match conf.ipam_type() {
+        None => {
+            match IpStore::open(conf.ipam_dir()).and_then(|s| s.allocations().map(|a| (s, a))) {
+                Ok((store, allocations)) => {
+                    for (ip, owner) in allocations {
+                        let key = (owner.container_id.clone(), owner.ifname.clone());
+                        if !valid.contains(&key) {
+                            info!(%ip, container = %owner.container_id, "GC: releasing");
+                            note(store.release(&owner).map(|_| ()));
+                            stale.insert(key);
+                        }
+                    }
+                }
+                Err(e) => note(Err(e)),
+            }
+        }
+        // The delegate gets GC too (plugins that predate GC may refuse it).
+        Some(plugin) => {
+            if let Err(e) = (Delegate { plugin, env, stdin }).exec("GC") {
+                warn!("GC: IPAM plugin {plugin}: {e}");
+            }
+        }
+    }
+    match netns::netlink_here() {
+        Ok(host) => {
+            for (container_id, ifname) in &stale {
+                note(
+                    link::delete_by_name(&host, &link::host_ifname(container_id, ifname))
+                        .await
+                        .map(|_| ()),
+                );
+            }
+        }
+        Err(e) => note(Err(e)),
+    }
+    info!(removed = stale.len(), "GC done");
+    first_error.map_or(Ok(()), Err)
+}
+
+/// STATUS: code 50 while ADD cannot be served (agent down, no podCIDR yet).
+pub fn status(conf: &NetConf) -> Result<()> {
+    Client::new(conf.agent_socket())
+        .node_info()
+        .map(|_| ())
+        .map_err(|e| {
+            let err = from_agent(e);
+            CniError::new(code::NOT_AVAILABLE, err.msg).with_details(err.details)
+        })
+}
