@@ -14,6 +14,8 @@ use serde_json::Value;
 
 pub use serde_json::json;
 
+pub mod conformance;
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -66,19 +68,42 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// A network namespace, deleted on drop.
+/// A network namespace (under /run/netns), deleted on drop if we made it.
 pub struct NetNs {
     pub name: String,
+    owned: bool,
 }
 
 impl NetNs {
     pub fn new(prefix: &str) -> NetNs {
         let ns = NetNs {
             name: unique(prefix),
+            owned: true,
         };
         run(Command::new("ip").args(["netns", "add", &ns.name]));
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A namespace someone else made (`ip netns add NAME`): never deleted.
+    pub fn existing(name: &str) -> NetNs {
+        let ns = NetNs {
+            name: name.to_string(),
+            owned: false,
+        };
+        assert!(
+            ns.path().exists(),
+            "no network namespace {name} under /run/netns"
+        );
+        ns
+    }
+
+    /// A second handle on this namespace that does not delete it.
+    pub fn borrowed(&self) -> NetNs {
+        NetNs {
+            name: self.name.clone(),
+            owned: false,
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -206,6 +231,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())

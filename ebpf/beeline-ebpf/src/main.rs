@@ -13,7 +13,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh, bpf_tunnel_key},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_redir_neigh, bpf_tunnel_key},
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     helpers::generated::{
         bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key,
@@ -93,7 +93,10 @@ fn finish(slot: StatsSlot, (verdict, action): (Verdict, i32)) -> i32 {
     action
 }
 
-const PASS: (Verdict, i32) = (Verdict::PassedToHost, TC_ACT_OK);
+/// Not ours: TCX_NEXT (TC_ACT_UNSPEC) hands the packet to the next tc program
+/// or classic filter (e.g. the bandwidth plugin's ifb redirect) and then to
+/// the host stack, instead of ending tc processing like TC_ACT_OK would.
+const PASS: (Verdict, i32) = (Verdict::PassedToHost, TC_ACT_UNSPEC);
 const MALFORMED: (Verdict, i32) = (Verdict::DroppedMalformed, TC_ACT_SHOT);
 const HELPER_ERROR: (Verdict, i32) = (Verdict::DroppedHelperError, TC_ACT_SHOT);
 
