@@ -24,7 +24,7 @@ use crate::{
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// What prevResult says about our interface: its MAC and IPv4 address.
-fn expected(prev: &Value, env: &Env) -> Result<(String, Ipv4Addr)> {
+pub(crate) fn expected(prev: &Value, env: &Env) -> Result<(String, Ipv4Addr)> {
     let bad = |what: &str| CniError::new(code::INVALID_CONFIG, format!("prevResult {what}"));
     let interfaces = prev["interfaces"]
         .as_array()

@@ -6,6 +6,8 @@ mod commands;
 mod config;
 mod delegate;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod ipam;
 mod link;
 mod netns;
