@@ -69,29 +69,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn demo(opts: &DemoOptions) -> Result<()> {
-    let root = util::workspace_root();
+/// Host tools, the eBPF object, then release builds of the agent, the CNI
+/// binary and the given binaries of the test harness crate.
+pub fn build_release(harness_bins: &[&str]) -> Result<()> {
     util::ensure_host_tools()?;
-    if !opts.down {
-        ebpf::build(&ebpf::BuildOptions::default())?;
-    }
-    util::step("building the agent, the CNI binary and the demo (release)");
-    util::run(util::cargo(&root).args([
+    ebpf::build(&ebpf::BuildOptions::default())?;
+    util::step("building the agent and the CNI binary (release)");
+    let mut cmd = util::cargo(&util::workspace_root());
+    cmd.args([
         "build",
         "--release",
         "-p",
         "beeline-agent",
         "-p",
         "beeline-cni",
-        "-p",
-        "beeline-tests",
-        "--bin",
-        "beeline-demo",
-        "--bin",
-        "beeline-agent",
-        "--bin",
-        "beeline",
-    ]))?;
+    ])
+    .args(["--bin", "beeline-agent", "--bin", "beeline"]);
+    if !harness_bins.is_empty() {
+        cmd.args(["-p", "beeline-tests"]);
+        for bin in harness_bins {
+            cmd.args(["--bin", bin]);
+        }
+    }
+    util::run(&mut cmd)
+}
+
+fn demo(opts: &DemoOptions) -> Result<()> {
+    let root = util::workspace_root();
+    build_release(&["beeline-demo"])?;
     let mut cmd = std::process::Command::new(root.join("target/release/beeline-demo"));
     cmd.args(["--mode", &opts.mode]);
     if opts.keep {
@@ -110,21 +115,7 @@ fn image(opts: &ImageOptions) -> Result<()> {
         .into_iter()
         .find(|b| util::on_path(b))
         .context("no image builder: install podman (apt-get install podman) or buildah")?;
-    util::ensure_host_tools()?;
-    ebpf::build(&ebpf::BuildOptions::default())?;
-    util::step("building the agent and the CNI binary (release)");
-    util::run(util::cargo(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "beeline-agent",
-        "-p",
-        "beeline-cni",
-        "--bin",
-        "beeline-agent",
-        "--bin",
-        "beeline",
-    ]))?;
+    build_release(&[])?;
     util::step(&format!(
         "{builder} build -f deploy/Containerfile -t {} .",
         opts.tag
