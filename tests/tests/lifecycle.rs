@@ -28,7 +28,7 @@ struct Stream {
     failed: Arc<AtomicBool>,
 }
 
-const SAMPLE: Duration = Duration::from_millis(100);
+const SAMPLE: Duration = Duration::from_millis(200);
 
 fn start_stream<'scope, 'env>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
