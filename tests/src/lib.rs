@@ -501,6 +501,15 @@ impl Node {
             .collect()
     }
 
+    /// Asserts that no pod state is left on the node: host veths, IP
+    /// allocations, endpoint map entries, pod link pins.
+    pub fn assert_nothing_left(&self) {
+        assert_eq!(self.pod_veths(), Vec::<String>::new(), "host veths left");
+        assert_eq!(self.allocated_ips(), Vec::<String>::new(), "IP allocations left");
+        assert_eq!(self.map_endpoints(), Vec::<Value>::new(), "map entries left");
+        assert_eq!(self.pod_link_pins(), Vec::<String>::new(), "tc link pins left");
+    }
+
     /// Pinned tc links of pod veths (the uplink's and VXLAN's stay).
     pub fn pod_link_pins(&self) -> Vec<String> {
         std::fs::read_dir(self.bpffs.path.join("links"))

@@ -22,24 +22,6 @@ fn node_with(cidr: &str) -> Node {
     node
 }
 
-fn assert_nothing_left(node: &Node) {
-    assert_eq!(node.pod_veths(), Vec::<String>::new(), "host veths left");
-    assert_eq!(
-        node.allocated_ips(),
-        Vec::<String>::new(),
-        "IP allocations left"
-    );
-    assert_eq!(
-        node.map_endpoints(),
-        Vec::<Value>::new(),
-        "map entries left"
-    );
-    assert_eq!(
-        node.pod_link_pins(),
-        Vec::<String>::new(),
-        "tc link pins left"
-    );
-}
 
 /// Runs the CNI binary with full control over env and stdin.
 fn raw_cni(node: &Node, env: &[(&str, &str)], stdin: &[u8]) -> CniOutput {
@@ -326,7 +308,7 @@ fn every_bad_input_gets_the_right_error_code_and_leaves_nothing() {
             vec!["lo".to_string()],
             "{name}: an interface was left in the pod"
         );
-        assert_nothing_left(&node);
+        node.assert_nothing_left();
     }
     assert!(
         failures.is_empty(),
@@ -357,7 +339,7 @@ fn an_exhausted_pod_cidr_is_an_error_never_a_duplicate() {
     for pod in &pods {
         pod.del(&node);
     }
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 fn runtime<'a>(node: &'a Node, plugins: Vec<Value>) -> conformance::Runtime<'a> {
@@ -414,7 +396,7 @@ fn check_names_what_drifted() {
     let err = rt.check("1.1.0", at, &wrong).unwrap_err();
     assert!(err.stdout.contains("10.244.1.200"), "{}", err.stdout);
     rt.del("1.1.0", at, Some(&result)).unwrap();
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -444,7 +426,7 @@ fn gc_releases_everything_not_in_the_valid_list() {
     }
     assert!(node.ns.ping(keep.ip, 2), "GC broke the valid pod");
     keep.del(&node);
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -534,7 +516,7 @@ fn ipam_is_delegated_to_host_local_and_static_through_cni_path() {
     assert_eq!(result["ips"][0]["address"], "10.244.1.77/32");
     assert!(node.ns.ping(Ipv4Addr::new(10, 244, 1, 77), 2));
     rt.del("1.0.0", at, Some(&result)).unwrap();
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -682,7 +664,7 @@ fn two_hundred_concurrent_operations_never_duplicate_or_leak() {
             });
         }
     });
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
     for ns in &namespaces {
         assert_eq!(ns.links(), vec!["lo".to_string()]);
     }
@@ -742,7 +724,7 @@ fn a_cni_killed_anywhere_in_add_converges_after_del_or_gc() {
         } else {
             rt.gc(&[]).expect("GC after a kill");
         }
-        assert_nothing_left(&node);
+        node.assert_nothing_left();
         assert_eq!(
             ns.links(),
             vec!["lo".to_string()],
@@ -767,5 +749,5 @@ fn a_cni_killed_anywhere_in_add_converges_after_del_or_gc() {
     // The store still works after all that.
     let pod = Pod::add(&node, "1.1.0");
     pod.del(&node);
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }

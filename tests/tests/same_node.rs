@@ -17,24 +17,6 @@ fn counter(stats: &serde_json::Value, program: &str, field: &str) -> u64 {
     stats[program][field].as_u64().unwrap()
 }
 
-fn assert_nothing_left(node: &Node) {
-    assert_eq!(node.pod_veths(), Vec::<String>::new(), "host veths left");
-    assert_eq!(
-        node.allocated_ips(),
-        Vec::<String>::new(),
-        "IP allocations left"
-    );
-    assert_eq!(
-        node.map_endpoints(),
-        Vec::<serde_json::Value>::new(),
-        "map entries left"
-    );
-    assert_eq!(
-        node.pod_link_pins(),
-        Vec::<String>::new(),
-        "tc link pins left"
-    );
-}
 
 #[test]
 fn pods_on_one_node_talk_in_one_hop() {
@@ -111,7 +93,7 @@ fn pods_on_one_node_talk_in_one_hop() {
     for pod in &pods {
         pod.del(&node);
     }
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -143,7 +125,7 @@ fn twenty_concurrent_adds_get_distinct_reachable_ips_and_dels_leave_nothing() {
             s.spawn(move || pod.del(node));
         }
     });
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -213,7 +195,7 @@ fn a_failed_registration_undoes_the_add() {
     // The first pod is untouched.
     assert!(node.ns.ping(first.ip, 2));
     first.del(&node);
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -245,7 +227,7 @@ fn del_succeeds_when_everything_is_already_gone() {
     assert!(eventually(Duration::from_secs(5), || node
         .pod_veths()
         .is_empty()));
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -266,7 +248,7 @@ fn add_of_an_existing_interface_is_an_error_that_keeps_the_pod() {
     );
     assert_eq!(node.allocated_ips().len(), 1);
     pod.del(&node);
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
 
 #[test]
@@ -308,5 +290,5 @@ fn the_agent_waits_for_its_pod_cidr_and_says_so() {
     assert!(link.contains("\"mtu\":1400"), "{link}");
     node.cni("DEL", &conf, "ctr-early", Some(&pod_ns.path()), "eth0")
         .expect_ok("DEL");
-    assert_nothing_left(&node);
+    node.assert_nothing_left();
 }
