@@ -86,6 +86,9 @@ pub struct RunArgs {
     /// network pods (so the node stays NotReady until then).
     #[arg(long)]
     pub cni_conf_dir: Option<PathBuf>,
+    /// Turn on the eBPF programs' debug logs (failure paths only).
+    #[arg(long)]
+    pub ebpf_debug_logs: bool,
     /// Serve /healthz, /readyz and /metrics here.
     #[arg(long, default_value = "127.0.0.1:9962")]
     pub health_addr: std::net::SocketAddr,

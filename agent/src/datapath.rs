@@ -33,6 +33,8 @@ const LINKS_DIR: &str = "links";
 
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Reader of the programs' aya-log records, until someone takes it.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     bpffs: PathBuf,
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     remote_cidrs: LpmTrie<MapData, [u8; 4], RemoteNode>,
@@ -40,7 +42,9 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    pub fn load(bpffs: &Path) -> Result<Datapath> {
+    /// `debug_logs` turns on the programs' debug-level aya-log records
+    /// (they only log on failure paths); off, each costs one compare.
+    pub fn load(bpffs: &Path, debug_logs: bool) -> Result<Datapath> {
         ensure_bpffs(bpffs)?;
         std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
@@ -48,12 +52,25 @@ impl Datapath {
             .map(|name| (*name, bpffs.join(name)))
             .collect();
         let mut loader = EbpfLoader::new();
+        let log_level: u8 = if debug_logs {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object into the kernel")?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("eBPF logs unavailable: {e}");
+                None
+            }
+        };
         for name in [
             program_names::FROM_POD,
             program_names::FROM_UPLINK,
@@ -82,11 +99,17 @@ impl Datapath {
         info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
         Ok(Datapath {
             ebpf,
+            logger,
             bpffs: bpffs.to_path_buf(),
             endpoints,
             remote_cidrs,
             node_config,
         })
+    }
+
+    /// The reader of the programs' log records (see [`forward_logs`]).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
     }
 
     fn link_pin(&self, ifname: &str, program: &str) -> PathBuf {
@@ -230,6 +253,34 @@ impl Datapath {
                     .map_err(Into::into)
             })
             .collect()
+    }
+}
+
+/// Forwards the programs' aya-log records into this process's logs.
+pub async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let mut logger =
+        // SAFETY: the ring buffer's fd is owned by `logger`, which the
+        // AsyncFd owns: it stays open and the same for the AsyncFd's life.
+        match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("eBPF logs unavailable: {e}");
+                return;
+            }
+        };
+    loop {
+        match logger.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!("eBPF log reader: {e}");
+                return;
+            }
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use beeline_agent::{
     agent::{Agent, CniInstall, NetworkConfig},
     cli::{Cli, Command, LogFormat, RunArgs, UninstallArgs},
-    datapath::Datapath,
+    datapath::{self, Datapath},
     health::{self, Metrics},
     inspect, install, masquerade, node_source, server,
     state::EndpointStore,
@@ -83,7 +83,10 @@ async fn run(args: RunArgs) -> Result<()> {
             node_source::kubernetes(client)
         }
     };
-    let datapath = Datapath::load(&args.bpffs_dir)?;
+    let mut datapath = Datapath::load(&args.bpffs_dir, args.ebpf_debug_logs)?;
+    let ebpf_logs = datapath
+        .take_logger()
+        .map(|l| tokio::spawn(datapath::forward_logs(l)));
     let store = EndpointStore::load(&args.state_dir)?;
     let mut agent = Agent {
         node_name: args.node_name.clone(),
@@ -147,6 +150,9 @@ async fn run(args: RunArgs) -> Result<()> {
         task.abort();
     }
     health.abort();
+    if let Some(task) = ebpf_logs {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }

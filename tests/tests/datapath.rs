@@ -73,7 +73,7 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
     let receiver = FakePod::new(&node, Ipv4Addr::new(10, 99, 1, 2));
 
     let mut datapath = node.enter(|| {
-        let mut dp = Datapath::load(&bpffs.path).expect("load the eBPF object");
+        let mut dp = Datapath::load(&bpffs.path, false).expect("load the eBPF object");
         dp.attach(&sender.host_if, FROM_POD)
             .expect("attach to the host veth");
         dp

@@ -378,3 +378,79 @@ fn bpftool_prints_the_field_names_of_every_pinned_map() {
     }
     pod.del(&node);
 }
+
+/// Sends one raw Ethernet frame out of `ifname` in `ns` (AF_PACKET).
+fn send_raw_frame(ns: &NetNs, ifname: &str, frame: &[u8]) {
+    ns.enter(|| {
+        let index = nix::net::if_::if_nametoindex(ifname).unwrap();
+        // SAFETY: plain socket calls on a socket this closure owns and closes.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            libc::close(fd);
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+}
+
+#[test]
+fn ebpf_debug_logs_reach_the_agent_log_only_when_asked_for() {
+    require_root();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(192, 168, 90, 1));
+    // A frame claiming IPv4 but too short to hold an IPv4 header.
+    let mut runt = vec![0xffu8; 12];
+    runt.extend_from_slice(&[0x08, 0x00, 0x45, 0x00]);
+    let message = format!("dropping a malformed frame of {} bytes", runt.len());
+
+    node.start_agent(&[]);
+    let pod = Pod::add(&node, "1.1.0");
+    send_raw_frame(&pod.ns, "eth0", &runt);
+    assert!(eventually(Duration::from_secs(5), || {
+        node.stats()["from_pod"]["dropped_malformed"].as_u64() == Some(1)
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    let log = node.agent.as_ref().unwrap().log_text();
+    assert!(
+        !log.contains(&message),
+        "debug logs are on without --ebpf-debug-logs"
+    );
+
+    node.kill_agent();
+    node.start_agent(&["--ebpf-debug-logs"]);
+    send_raw_frame(&pod.ns, "eth0", &runt);
+    assert!(
+        eventually(Duration::from_secs(5), || node
+            .agent
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains(&message)),
+        "the program's debug log never reached the agent's log"
+    );
+    pod.del(&node);
+}

@@ -21,6 +21,7 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use beeline_common::{
     Counters, Endpoint, EndpointKey, MAX_ENDPOINTS, MAX_REMOTE_CIDRS, NodeConfig, RemoteNode,
     STATS_SLOTS, StatsSlot, Tunnel,
@@ -156,6 +157,11 @@ fn deliver_local(ctx: &TcContext, ep: &Endpoint) -> (Verdict, i32) {
     // SAFETY: plain helper call; the kernel validates the ifindex.
     let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
     if action == TC_ACT_SHOT {
+        // Off the hot path: only failures log, and only at debug level.
+        debug!(
+            ctx,
+            "bpf_redirect_peer to ifindex {} failed", ep.host_ifindex
+        );
         return HELPER_ERROR;
     }
     (Verdict::RedirectedLocal, action)
@@ -191,6 +197,7 @@ fn forward_remote(ctx: &TcContext, remote: &RemoteNode) -> (Verdict, i32) {
             )
         };
         if rc != 0 {
+            debug!(ctx, "bpf_skb_set_tunnel_key failed: {}", rc);
             return HELPER_ERROR;
         }
         // SAFETY: plain helper call.
@@ -218,6 +225,10 @@ fn forward_remote(ctx: &TcContext, remote: &RemoteNode) -> (Verdict, i32) {
             )
         } as i32;
         if action == TC_ACT_SHOT {
+            debug!(
+                ctx,
+                "bpf_redirect_neigh to ifindex {} failed", config.uplink_ifindex
+            );
             return HELPER_ERROR;
         }
         (Verdict::ForwardedDirect, action)
@@ -229,7 +240,14 @@ fn from_pod(ctx: &TcContext) -> (Verdict, i32) {
     let daddr = match ipv4_destination(ctx) {
         Ok(Some(daddr)) => daddr,
         Ok(None) => return PASS,
-        Err(()) => return MALFORMED,
+        Err(()) => {
+            debug!(
+                ctx,
+                "dropping a malformed frame of {} bytes from a pod",
+                ctx.len()
+            );
+            return MALFORMED;
+        }
     };
     // SAFETY: the value is copied out before any map update can reuse the slot.
     if let Some(ep) = unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
