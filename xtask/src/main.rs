@@ -116,6 +116,7 @@ fn image(opts: &ImageOptions) -> Result<()> {
         .find(|b| util::on_path(b))
         .context("no image builder: install podman (apt-get install podman) or buildah")?;
     build_release(&[])?;
+    stage_libraries(&root)?;
     util::step(&format!(
         "{builder} build -f deploy/Containerfile -t {} .",
         opts.tag
@@ -125,6 +126,46 @@ fn image(opts: &ImageOptions) -> Result<()> {
             .current_dir(&root)
             .args(["build", "-f", "deploy/Containerfile", "-t", &opts.tag, "."]),
     )
+}
+
+/// Stages the image's files under target/image/: the binaries without
+/// debug info (bin/), and the shared libraries the agent links (per `ldd`)
+/// at their paths (lib/), for the FROM-scratch image.
+fn stage_libraries(root: &std::path::Path) -> Result<()> {
+    let image = root.join("target/image");
+    if image.exists() {
+        std::fs::remove_dir_all(&image)?;
+    }
+    std::fs::create_dir_all(image.join("bin"))?;
+    for binary in ["beeline-agent", "beeline"] {
+        util::run(
+            std::process::Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(image.join("bin").join(binary))
+                .arg(root.join("target/release").join(binary)),
+        )?;
+    }
+    let stage = image.join("lib");
+    let agent = root.join("target/release/beeline-agent");
+    let ldd = util::output(std::process::Command::new("ldd").arg(&agent))?;
+    let libraries: Vec<&str> = ldd
+        .lines()
+        .filter_map(|line| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = line.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then_some(path)
+        })
+        .collect();
+    anyhow::ensure!(!libraries.is_empty(), "ldd found no libraries for {}", agent.display());
+    for library in libraries {
+        let dest = stage.join(library.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().unwrap())?;
+        // Copy the file behind any symlink, under the name the loader asks for.
+        std::fs::copy(library, &dest).with_context(|| format!("staging {library}"))?;
+    }
+    Ok(())
 }
 
 fn test(opts: &TestOptions) -> Result<()> {
