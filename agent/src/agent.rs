@@ -210,8 +210,9 @@ impl Agent {
             let mut exceptions: Vec<Ipv4Net> =
                 nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect();
             exceptions.extend(self.network.no_masquerade.iter().copied());
-            exceptions.sort();
-            exceptions.dedup();
+            // Nodes' podCIDRs come out of one cluster CIDR: merged, thousands
+            // of nodes make a handful of rules (and one netlink batch).
+            let exceptions = Ipv4Net::aggregate(&exceptions);
             masquerade::apply(pod_cidr, &exceptions).context("installing the masquerade rules")?;
         }
         self.nodes = nodes;
