@@ -1,4 +1,5 @@
 //! Project tasks: `cargo xtask <command>`.
+mod bench;
 mod ebpf;
 mod util;
 
@@ -24,6 +25,8 @@ enum Command {
     Demo(DemoOptions),
     /// Build the container image (deploy/Containerfile) from release binaries.
     Image(ImageOptions),
+    /// Benchmarks vs the bridge plugin and the physical limits (root): bench/results/.
+    Bench(bench::BenchOptions),
 }
 
 #[derive(clap::Args)]
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Test(opts) => test(&opts),
         Command::Demo(opts) => demo(&opts),
         Command::Image(opts) => image(&opts),
+        Command::Bench(opts) => bench::run(opts.quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,7 +162,11 @@ fn stage_libraries(root: &std::path::Path) -> Result<()> {
             path.starts_with('/').then_some(path)
         })
         .collect();
-    anyhow::ensure!(!libraries.is_empty(), "ldd found no libraries for {}", agent.display());
+    anyhow::ensure!(
+        !libraries.is_empty(),
+        "ldd found no libraries for {}",
+        agent.display()
+    );
     for library in libraries {
         let dest = stage.join(library.trim_start_matches('/'));
         std::fs::create_dir_all(dest.parent().unwrap())?;
