@@ -505,9 +505,21 @@ impl Node {
     /// allocations, endpoint map entries, pod link pins.
     pub fn assert_nothing_left(&self) {
         assert_eq!(self.pod_veths(), Vec::<String>::new(), "host veths left");
-        assert_eq!(self.allocated_ips(), Vec::<String>::new(), "IP allocations left");
-        assert_eq!(self.map_endpoints(), Vec::<Value>::new(), "map entries left");
-        assert_eq!(self.pod_link_pins(), Vec::<String>::new(), "tc link pins left");
+        assert_eq!(
+            self.allocated_ips(),
+            Vec::<String>::new(),
+            "IP allocations left"
+        );
+        assert_eq!(
+            self.map_endpoints(),
+            Vec::<Value>::new(),
+            "map entries left"
+        );
+        assert_eq!(
+            self.pod_link_pins(),
+            Vec::<String>::new(),
+            "tc link pins left"
+        );
     }
 
     /// Pinned tc links of pod veths (the uplink's and VXLAN's stay).

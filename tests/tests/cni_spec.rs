@@ -22,7 +22,6 @@ fn node_with(cidr: &str) -> Node {
     node
 }
 
-
 /// Runs the CNI binary with full control over env and stdin.
 fn raw_cni(node: &Node, env: &[(&str, &str)], stdin: &[u8]) -> CniOutput {
     use std::io::Write;

@@ -17,7 +17,6 @@ fn counter(stats: &serde_json::Value, program: &str, field: &str) -> u64 {
     stats[program][field].as_u64().unwrap()
 }
 
-
 #[test]
 fn pods_on_one_node_talk_in_one_hop() {
     let node = node();
