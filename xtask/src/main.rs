@@ -206,9 +206,44 @@ fn test(opts: &TestOptions) -> Result<()> {
         "beeline-cni",
     ]))?;
     util::step("cargo test");
-    util::run(
-        util::cargo(&root)
-            .args(["test", "--workspace", "--release"])
-            .args(&opts.cargo_test_args),
-    )
+    let mut cmd = util::cargo(&root);
+    cmd.args(["test", "--workspace", "--release"])
+        .args(&opts.cargo_test_args);
+    run_tests_with_summary(&mut cmd)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one line adding up
+/// every test binary's `test result:` (cargo's own last line is usually an
+/// empty doctest run).
+fn run_tests_with_summary(cmd: &mut std::process::Command) -> Result<()> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for part in counts.split(';') {
+                let mut words = part
+                    .split_whitespace()
+                    .filter(|w| *w != "ok." && *w != "FAILED.");
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    anyhow::ensure!(status.success(), "cargo test failed with {status}");
+    Ok(())
 }
