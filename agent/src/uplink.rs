@@ -64,29 +64,16 @@ pub async fn find(handle: &Handle, ip: Ipv4Addr) -> Result<Option<Uplink>> {
 }
 
 async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkMessage>> {
-    match handle
-        .link()
-        .get()
-        .match_index(index)
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(link) => Ok(link),
-        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    first_link(handle.link().get().match_index(index)).await
 }
 
 async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
-    match handle
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
+    first_link(handle.link().get().match_name(name.to_string())).await
+}
+
+/// The link a filtered get returns; `None` when the kernel says ENODEV.
+async fn first_link(request: rtnetlink::LinkGetRequest) -> Result<Option<LinkMessage>> {
+    match request.execute().try_next().await {
         Ok(link) => Ok(link),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(e.into()),

@@ -78,6 +78,10 @@ fn main() -> ExitCode {
 pub fn build_release(harness_bins: &[&str]) -> Result<()> {
     util::ensure_host_tools()?;
     ebpf::build(&ebpf::BuildOptions::default())?;
+    build_release_binaries(harness_bins)
+}
+
+fn build_release_binaries(harness_bins: &[&str]) -> Result<()> {
     util::step("building the agent and the CNI binary (release)");
     let mut cmd = util::cargo(&util::workspace_root());
     cmd.args([
@@ -196,15 +200,8 @@ fn test(opts: &TestOptions) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    util::step("cargo build (release binaries used by the integration tests)");
-    util::run(util::cargo(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "beeline-agent",
-        "-p",
-        "beeline-cni",
-    ]))?;
+    // The release binaries the integration tests execute.
+    build_release_binaries(&[])?;
     util::step("cargo test");
     let mut cmd = util::cargo(&root);
     cmd.args(["test", "--workspace", "--release"])
