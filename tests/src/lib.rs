@@ -138,44 +138,39 @@ impl NetNs {
         })
     }
 
-    pub fn ping(&self, ip: Ipv4Addr, count: u32) -> bool {
-        self.cmd("ping")
-            .args([
-                "-q",
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.01",
-                "-W",
-                "2",
-            ])
-            .arg(ip.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+    /// `ping -q -n -c count -i interval -W wait ip` inside the namespace.
+    fn ping_cmd(&self, ip: Ipv4Addr, count: u32, interval: &str, wait: &str) -> Command {
+        let mut cmd = self.cmd("ping");
+        cmd.args([
+            "-q",
+            "-n",
+            "-c",
+            &count.to_string(),
+            "-i",
+            interval,
+            "-W",
+            wait,
+        ])
+        .arg(ip.to_string())
+        .stderr(Stdio::null());
+        cmd
+    }
+
+    fn ping_ok(mut cmd: Command) -> bool {
+        cmd.stdout(Stdio::null())
             .status()
             .expect("ping runs (install iputils-ping)")
             .success()
     }
 
+    pub fn ping(&self, ip: Ipv4Addr, count: u32) -> bool {
+        Self::ping_ok(self.ping_cmd(ip, count, "0.01", "2"))
+    }
+
     /// Average round-trip time in milliseconds over `count` echo requests,
     /// or `None` if any was lost.
     pub fn ping_rtt(&self, ip: Ipv4Addr, count: u32) -> Option<f64> {
-        let out = self
-            .cmd("ping")
-            .args([
-                "-q",
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.05",
-                "-W",
-                "2",
-            ])
-            .arg(ip.to_string())
-            .output()
-            .ok()?;
+        let out = self.ping_cmd(ip, count, "0.05", "2").output().ok()?;
         if !out.status.success() {
             return None;
         }
@@ -194,15 +189,8 @@ impl NetNs {
 
     /// One echo request, waiting at most `timeout` for the reply.
     pub fn ping_once(&self, ip: Ipv4Addr, timeout: Duration) -> bool {
-        self.cmd("ping")
-            .args(["-q", "-n", "-c", "1", "-W"])
-            .arg(format!("{:.1}", timeout.as_secs_f32()))
-            .arg(ip.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("ping runs (install iputils-ping)")
-            .success()
+        let wait = format!("{:.1}", timeout.as_secs_f32());
+        Self::ping_ok(self.ping_cmd(ip, 1, "0.01", &wait))
     }
 
     /// Names of the links in this namespace.
@@ -860,8 +848,17 @@ impl Pod {
     }
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, f: impl FnMut() -> bool) -> bool {
+    eventually_every(timeout, Duration::from_millis(100), f)
+}
+
+/// Polls `f` every `interval` until it returns true or `timeout` passes.
+pub fn eventually_every(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if f() {
@@ -870,6 +867,6 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         if Instant::now() > deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(interval);
     }
 }

@@ -33,7 +33,9 @@ use std::{
 
 use beeline_agent::{datapath::Datapath, masquerade, nodes::parse_node_list, remote};
 use beeline_common::{Endpoint, RemoteNode, map_names};
-use beeline_tests::{BpffsDir, Cluster, NetNs, Node, bin, eventually, tcp_throughput, unique};
+use beeline_tests::{
+    BpffsDir, Cluster, NetNs, Node, bin, eventually, eventually_every, tcp_throughput, unique,
+};
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
@@ -841,7 +843,7 @@ fn run_timeout(cmd: &mut Command, timeout: Duration) -> R<String> {
 /// from /proc/<pid>/net/tcp, i.e. in the process's own namespace).
 fn wait_listening(pid: u32, port: u16, timeout: Duration) -> R<()> {
     let needle = format!(":{port:04X} ");
-    let ok = eventually_fast(timeout, || {
+    let ok = eventually_every(timeout, Duration::from_millis(5), || {
         ["tcp", "tcp6"].iter().any(|f| {
             std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
                 .unwrap_or_default()
@@ -2839,7 +2841,7 @@ fn phase_scale(cfg: &Cfg) -> R<Output> {
         ] {
             write_node_list(&node, count);
             let t = Instant::now();
-            let ok = eventually_fast(Duration::from_secs(30), || {
+            let ok = eventually_every(Duration::from_secs(30), Duration::from_millis(5), || {
                 remote_count(&node.bpffs.path) == count
             });
             if !ok {
@@ -3044,20 +3046,6 @@ fn phase_scale(cfg: &Cfg) -> R<Output> {
         )],
         ..Default::default()
     })
-}
-
-/// Like `eventually`, polling every 5 ms.
-fn eventually_fast(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 // ---------------------------------------------------------------- dates
