@@ -1,5 +1,8 @@
 //! ADD, DEL, GC and STATUS.
-use std::{collections::HashSet, net::Ipv4Addr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use beeline_proto::{Client, ClientError, Endpoint};
 use ipnet::Ipv4Net;
@@ -86,9 +89,40 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     }
 
     let addressing = Addressing::new(env, conf, stdin)?;
-    let ip = addressing.acquire(pod_cidr)?;
+    // A node-local DHCP server answers the pod on its host veth, so that
+    // end carries the pod's gateway address.
+    let needs_link = conf.ipam_talks_on_link();
+    let host_address = needs_link.then_some(node.gateway);
+    let mut acquired = false;
     let setup = async {
+        // Allocating first leaves a record that names the attachment, so
+        // GC finds an ADD killed at any later point. dhcp talks over the
+        // pod's interface: it runs once that exists and is up.
+        let early = if needs_link {
+            None
+        } else {
+            acquired = true;
+            Some(addressing.acquire(pod_cidr)?)
+        };
+        let alias = link::attachment_alias(&conf.name, &env.container_id, &env.ifname);
         let veth = link::create_veth(&host, &pod, &netns, &host_ifname, &env.ifname, mtu).await?;
+        link::bring_up(&host, &pod, &veth, &alias, host_address).await?;
+        let ip = match early {
+            Some(ip) => ip,
+            None => {
+                acquired = true;
+                addressing.acquire(pod_cidr)?
+            }
+        };
+        if !pod_cidr.contains(&ip) {
+            return Err(CniError::new(
+                code::IPAM_DELEGATE,
+                format!(
+                    "the IPAM plugin returned {ip}, outside this node's podCIDR {pod_cidr}: \
+                     other nodes would not route it here"
+                ),
+            ));
+        }
         link::configure_pod(&pod, &veth, ip, node.gateway).await?;
         link::configure_host(&host, &veth, ip).await?;
         let endpoint = Endpoint {
@@ -102,10 +136,10 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             pod_mac: veth.pod_mac,
         };
         agent.register(&endpoint).map_err(from_agent)?;
-        Ok::<_, CniError>(veth)
+        Ok::<_, CniError>((veth, ip))
     };
     match setup.await {
-        Ok(veth) => {
+        Ok((veth, ip)) => {
             info!(container = %env.container_id, %ip, host_ifname, "pod attached");
             Ok(AddResult {
                 interfaces: vec![
@@ -133,11 +167,13 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             {
                 warn!("undo: unregister failed: {e}");
             }
+            // Release while the interface still exists: dhcp sends its
+            // DHCPRELEASE through it.
+            if acquired && let Err(e) = addressing.release() {
+                warn!("undo: releasing the address failed: {e}");
+            }
             if let Err(e) = link::delete_by_name(&host, &host_ifname).await {
                 warn!("undo: deleting {host_ifname} failed: {e}");
-            }
-            if let Err(e) = addressing.release() {
-                warn!("undo: releasing {ip} failed: {e}");
             }
             Err(e)
         }
@@ -155,16 +191,19 @@ pub async fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
         }
         Err(e) => return Err(from_agent(e)),
     }
+    // Release before the veth goes: dhcp sends its DHCPRELEASE through it.
+    Addressing::new(env, conf, stdin)?.release()?;
     let host = netns::netlink_here()?;
     link::delete_by_name(&host, &link::host_ifname(&env.container_id, &env.ifname)).await?;
-    Addressing::new(env, conf, stdin)?.release()?;
     info!(container = %env.container_id, "pod detached");
     Ok(())
 }
 
 /// GC: releases every address, endpoint and veth of this network whose
-/// attachment is not in `cni.dev/valid-attachments`. Keeps going on errors
-/// and reports the first one.
+/// attachment is not in `cni.dev/valid-attachments`. Stale attachments are
+/// found in the agent's endpoints, the built-in allocator's records and the
+/// host veths' aliases (an ADD killed before it allocated or registered).
+/// Keeps going on errors and reports the first one.
 pub async fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     let valid: HashSet<(String, String)> = conf
         .valid_attachments
@@ -179,10 +218,11 @@ pub async fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
             first_error.get_or_insert(e);
         }
     };
-    let mut stale: HashSet<(String, String)> = HashSet::new();
+    // (container id, ifname) -> the netns, when known.
+    let mut stale: HashMap<(String, String), Option<String>> = HashMap::new();
 
-    // Endpoints the agent knows. An agent that is down is not an error:
-    // it reconciles its map against the veths when it starts.
+    // An agent that is down is not an error: it reconciles its map against
+    // the veths when it starts.
     let agent = Client::new(conf.agent_socket());
     match agent.list_endpoints() {
         Ok(endpoints) => {
@@ -195,11 +235,23 @@ pub async fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
                             .map(|_| ())
                             .map_err(from_agent),
                     );
-                    stale.insert(key);
+                    stale.insert(key, Some(ep.netns));
                 }
             }
         }
         Err(e) => warn!("GC: agent unreachable, skipping its endpoints: {e}"),
+    }
+    let host = netns::netlink_here();
+    match &host {
+        Ok(host) => match link::attachments_of(host, &conf.name).await {
+            Ok(found) => {
+                for key in found.into_iter().filter(|k| !valid.contains(k)) {
+                    stale.entry(key).or_default();
+                }
+            }
+            Err(e) => note(Err(e)),
+        },
+        Err(e) => note(Err(e.clone())),
     }
     match conf.ipam_type() {
         None => {
@@ -210,31 +262,55 @@ pub async fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
                         if !valid.contains(&key) {
                             info!(%ip, container = %owner.container_id, "GC: releasing");
                             note(store.release(&owner).map(|_| ()));
-                            stale.insert(key);
+                            stale.entry(key).or_default();
                         }
                     }
                 }
                 Err(e) => note(Err(e)),
             }
         }
-        // The delegate gets GC too (plugins that predate GC may refuse it).
         Some(plugin) => {
-            if let Err(e) = (Delegate { plugin, env, stdin }).exec("GC") {
+            // Plugins that predate GC (Debian's are 1.0.0) only release on
+            // DEL: each stale attachment gets one, before its veth goes.
+            let delegate = Delegate { plugin, env, stdin };
+            if !stale.is_empty() {
+                match delegate.config_at_common_version() {
+                    Ok(del_config) => {
+                        for ((container_id, ifname), netns) in &stale {
+                            let env = Env {
+                                container_id: container_id.clone(),
+                                ifname: ifname.clone(),
+                                netns: netns.as_ref().map(Into::into),
+                                ..env.clone()
+                            };
+                            info!(container = %container_id, "GC: releasing through {plugin}");
+                            note(
+                                Delegate {
+                                    plugin,
+                                    env: &env,
+                                    stdin: &del_config,
+                                }
+                                .exec("DEL")
+                                .map(|_| ()),
+                            );
+                        }
+                    }
+                    Err(e) => note(Err(e)),
+                }
+            }
+            if let Err(e) = delegate.exec("GC") {
                 warn!("GC: IPAM plugin {plugin}: {e}");
             }
         }
     }
-    match netns::netlink_here() {
-        Ok(host) => {
-            for (container_id, ifname) in &stale {
-                note(
-                    link::delete_by_name(&host, &link::host_ifname(container_id, ifname))
-                        .await
-                        .map(|_| ()),
-                );
-            }
+    if let Ok(host) = &host {
+        for (container_id, ifname) in stale.keys() {
+            note(
+                link::delete_by_name(host, &link::host_ifname(container_id, ifname))
+                    .await
+                    .map(|_| ()),
+            );
         }
-        Err(e) => note(Err(e)),
     }
     info!(removed = stale.len(), "GC done");
     first_error.map_or(Ok(()), Err)

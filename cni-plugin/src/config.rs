@@ -145,6 +145,11 @@ impl NetConf {
         self.ipam.as_ref()?.get("type")?.as_str()
     }
 
+    /// IPAM plugins that talk to a server over the pod's own interface.
+    pub fn ipam_talks_on_link(&self) -> bool {
+        self.ipam_type() == Some("dhcp")
+    }
+
     pub fn ipam_dir(&self) -> PathBuf {
         self.data_dir
             .as_deref()

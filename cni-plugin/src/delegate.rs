@@ -11,10 +11,11 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    config::Env,
+    config::{Env, SUPPORTED_VERSIONS},
     error::{CniError, Result, code},
 };
 
+#[derive(Clone, Copy)]
 pub struct Delegate<'a> {
     pub plugin: &'a str,
     pub env: &'a Env,
@@ -100,6 +101,40 @@ impl Delegate<'_> {
             .with_details(details));
         }
         Ok(parsed)
+    }
+}
+
+impl Delegate<'_> {
+    /// `stdin` at the newest version both sides speak: GC configs are 1.1.0,
+    /// and plugins that predate it refuse DEL at that version.
+    pub fn config_at_common_version(&self) -> Result<Vec<u8>> {
+        let version = Delegate {
+            stdin: br#"{"cniVersion":"1.0.0"}"#,
+            ..*self
+        }
+        .exec("VERSION")?
+        .unwrap_or_default();
+        let theirs: Vec<&str> = version["supportedVersions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let common = SUPPORTED_VERSIONS
+            .iter()
+            .rev()
+            .find(|v| theirs.contains(v))
+            .ok_or_else(|| {
+                CniError::new(
+                    code::INCOMPATIBLE_VERSION,
+                    format!("IPAM plugin {} supports none of our versions", self.plugin),
+                )
+                .with_details(version)
+            })?;
+        let mut conf: Value = serde_json::from_slice(self.stdin)
+            .map_err(|e| CniError::new(code::DECODE_FAILURE, "bad config").with_details(e))?;
+        conf["cniVersion"] = Value::from(*common);
+        Ok(serde_json::to_vec(&conf).expect("a Value serializes"))
     }
 }
 

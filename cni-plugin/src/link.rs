@@ -6,6 +6,7 @@ use futures::TryStreamExt;
 use rtnetlink::{
     Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
+        address::AddressScope,
         link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
         neighbour::NeighbourState,
         route::RouteScope,
@@ -39,6 +40,54 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     h.write(&[0]);
     h.write(ifname.as_bytes());
     format!("bl{:013x}", h.finish() & ((1 << 52) - 1))
+}
+
+const ALIAS_PREFIX: &str = "beeline";
+/// IFALIASZ - 1
+const MAX_ALIAS: usize = 255;
+
+/// The host veth's alias names its attachment, for operators (`ip link`)
+/// and for GC, which must find veths of ADDs killed before they recorded
+/// anything else.
+pub fn attachment_alias(network: &str, container_id: &str, ifname: &str) -> String {
+    let mut alias = format!("{ALIAS_PREFIX} {network} {ifname} {container_id}");
+    // All ASCII (validated), so any cut is a char boundary.
+    alias.truncate(MAX_ALIAS);
+    alias
+}
+
+/// The attachments of `network` that have a host veth, from the aliases.
+/// A container id cut short by the alias limit is recovered only if the
+/// veth's name confirms it; others are found by DEL, not GC.
+pub async fn attachments_of(handle: &Handle, network: &str) -> Result<Vec<(String, String)>> {
+    let prefix = format!("{ALIAS_PREFIX} {network} ");
+    let mut links = handle.link().get().execute();
+    let mut found = Vec::new();
+    loop {
+        let link = match links.try_next().await {
+            Ok(Some(link)) => link,
+            Ok(None) => break,
+            Err(e) => return Err(netlink_error("cannot list interfaces", e)),
+        };
+        let (mut name, mut alias) = (None, None);
+        for attr in &link.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = Some(n),
+                LinkAttribute::IfAlias(a) => alias = Some(a),
+                _ => {}
+            }
+        }
+        let Some(rest) = alias.and_then(|a| a.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some((ifname, container_id)) = rest.split_once(' ') else {
+            continue;
+        };
+        if name.is_some_and(|n| *n == host_ifname(container_id, ifname)) {
+            found.push((container_id.to_string(), ifname.to_string()));
+        }
+    }
+    Ok(found)
 }
 
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>> {
@@ -124,7 +173,39 @@ pub async fn create_veth(
     })
 }
 
-/// Inside the pod: `ip/32`, link up, a permanent neighbour for the
+/// Brings both ends up and names the attachment in the host end's alias
+/// (the kernel ignores an alias given at creation). `host_address` (a /32
+/// of host scope, so it is never picked as the source of host-to-pod
+/// traffic) goes on the host end.
+pub async fn bring_up(
+    host: &Handle,
+    pod: &Handle,
+    link: &PodLink,
+    alias: &str,
+    host_address: Option<Ipv4Addr>,
+) -> Result<()> {
+    set_up(pod, link.pod_ifindex).await?;
+    host.link()
+        .set(
+            LinkUnspec::new_with_index(link.host_ifindex)
+                .up()
+                .alias(alias)
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(|e| netlink_error(format!("cannot bring up {}", link.host_ifname), e))?;
+    if let Some(address) = host_address {
+        let mut add = host.address().add(link.host_ifindex, address.into(), 32);
+        add.message_mut().header.scope = AddressScope::Host;
+        add.execute().await.map_err(|e| {
+            netlink_error(format!("cannot add {address}/32 to the host interface"), e)
+        })?;
+    }
+    Ok(())
+}
+
+/// Inside the pod: `ip/32`, a permanent neighbour for the
 /// link-local gateway (so the pod never ARPs) and `default via gw onlink`.
 pub async fn configure_pod(
     pod: &Handle,
@@ -138,7 +219,6 @@ pub async fn configure_pod(
         .execute()
         .await
         .map_err(|e| netlink_error(format!("cannot add {ip}/32 to the pod interface"), e))?;
-    set_up(pod, index).await?;
     pod.neighbours()
         .add(index, gateway.into())
         .link_layer_address(&link.host_mac.0)
@@ -159,11 +239,10 @@ pub async fn configure_pod(
         .map_err(|e| netlink_error("cannot add the pod's default route", e))
 }
 
-/// On the host: link up, `ip/32 dev host_veth` (host-to-pod traffic such as
+/// On the host: `ip/32 dev host_veth` (host-to-pod traffic such as
 /// kubelet probes) and a permanent neighbour for the pod.
 pub async fn configure_host(host: &Handle, link: &PodLink, ip: Ipv4Addr) -> Result<()> {
     let index = link.host_ifindex;
-    set_up(host, index).await?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(ip, 32)
         .output_interface(index)
@@ -178,6 +257,8 @@ pub async fn configure_host(host: &Handle, link: &PodLink, ip: Ipv4Addr) -> Resu
         .add(index, ip.into())
         .link_layer_address(&link.pod_mac.0)
         .state(NeighbourState::Permanent)
+        // A DHCP server may have put a dynamic entry there already.
+        .replace()
         .execute()
         .await
         .map_err(|e| netlink_error("cannot add the pod neighbour on the host", e))

@@ -724,6 +724,26 @@ impl Drop for AgentProcess {
     }
 }
 
+/// A helper process the test started (a DHCP server, say); killed on drop.
+pub struct Background(pub Child);
+
+impl Background {
+    pub fn spawn(cmd: &mut Command) -> Background {
+        Background(
+            cmd.stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        )
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct CniOutput {
     pub success: bool,
     pub stdout: String,

@@ -490,12 +490,17 @@ fn ipam_is_delegated_to_host_local_and_static_through_cni_path() {
         "the built-in allocator was used"
     );
 
-    // A failure after the delegate allocated: the delegate gets DEL.
-    pod.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
-    ]);
-    let err = rt.add("1.0.0", at).unwrap_err();
-    assert_eq!(err.error_code(), Some(101), "{}", err.stdout);
+    // A failure after the delegate allocated (its address is outside the
+    // node's podCIDR): the delegate gets DEL.
+    let mut outside = plugin.clone();
+    outside["ipam"]["ranges"] = json!([[{ "subnet": "10.99.0.0/24" }]]);
+    let err = runtime(&node, vec![outside]).add("1.0.0", at).unwrap_err();
+    assert_eq!(err.error_code(), Some(106), "{}", err.stdout);
+    assert!(
+        err.stdout.contains("outside this node's podCIDR"),
+        "{}",
+        err.stdout
+    );
     let leftovers: Vec<_> = std::fs::read_dir(data.path().join("beeline-test"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -505,7 +510,7 @@ fn ipam_is_delegated_to_host_local_and_static_through_cni_path() {
         leftovers.is_empty(),
         "the delegate kept an address after a failed ADD"
     );
-    pod.ip(&["link", "del", "eth0"]);
+    assert_eq!(pod.links(), vec!["lo".to_string()]);
 
     let mut static_plugin = beeline_plugin(&node);
     static_plugin["ipam"] =
@@ -516,6 +521,223 @@ fn ipam_is_delegated_to_host_local_and_static_through_cni_path() {
     assert!(node.ns.ping(Ipv4Addr::new(10, 244, 1, 77), 2));
     rt.del("1.0.0", at, Some(&result)).unwrap();
     node.assert_nothing_left();
+}
+
+/// A node-local DHCP server (dnsmasq) on the pods' host veths, reached
+/// through Debian's `dhcp` IPAM plugin and its daemon.
+struct DhcpService {
+    dir: tempfile::TempDir,
+    _dnsmasq: Background,
+    daemon: Background,
+}
+
+impl DhcpService {
+    fn start(node: &Node, first: u8, last: u8) -> DhcpService {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("dnsmasq.log")).unwrap();
+        let dnsmasq = Background::spawn(
+            node.ns
+                .cmd("dnsmasq")
+                .args(["--keep-in-foreground", "--conf-file=/dev/null", "--port=0"])
+                .args(["--user=root", "--group=root", "--no-ping", "--log-dhcp"])
+                // Beeline's host veths; they come and go.
+                .args(["--interface=bl*", "--bind-dynamic"])
+                // They carry only the pods' gateway 169.254.1.1/32.
+                .arg("--shared-network=169.254.1.1,10.244.1.0")
+                .arg(format!(
+                    "--dhcp-range=10.244.1.{first},10.244.1.{last},255.255.255.0,1h"
+                ))
+                .arg("--dhcp-option=option:router,169.254.1.1")
+                .arg(format!(
+                    "--dhcp-leasefile={}",
+                    dir.path().join("leases").display()
+                ))
+                .arg(format!(
+                    "--pid-file={}",
+                    dir.path().join("dnsmasq.pid").display()
+                ))
+                .arg("--log-facility=-")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
+        let socket = dir.path().join("dhcp.sock");
+        let daemon = Background::spawn(
+            node.ns
+                .cmd(format!("{DEBIAN_CNI}/dhcp"))
+                .args(["daemon", "-socketpath"])
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || socket.exists()),
+            "the dhcp daemon did not create its socket"
+        );
+        DhcpService {
+            dir,
+            _dnsmasq: dnsmasq,
+            daemon,
+        }
+    }
+
+    fn ipam(&self) -> Value {
+        json!({ "type": "dhcp", "daemonSocketPath": self.dir.path().join("dhcp.sock") })
+    }
+
+    /// Addresses dnsmasq has leased right now.
+    fn leases(&self) -> Vec<Ipv4Addr> {
+        std::fs::read_to_string(self.dir.path().join("leases"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dnsmasq.log")).unwrap_or_default()
+    }
+}
+
+fn address_of(result: &Value) -> Ipv4Addr {
+    result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn ipam_is_delegated_to_dhcp_with_a_node_local_server() {
+    let node = node_with(POD_CIDR);
+    let dhcp = DhcpService::start(&node, 150, 160);
+    let mut plugin = beeline_plugin(&node);
+    plugin["ipam"] = dhcp.ipam();
+    let rt = runtime(&node, vec![plugin.clone()]);
+    let pods: Vec<NetNs> = (0..3).map(|_| NetNs::new("bld")).collect();
+    let ids = ["ctr-dhcp-a", "ctr-dhcp-b", "ctr-dhcp-c"];
+    let paths: Vec<_> = pods.iter().map(|p| p.path()).collect();
+    let at = |i: usize| conformance::Attachment {
+        container_id: ids[i],
+        netns: Some(&paths[i]),
+        ifname: "eth0",
+    };
+    let results: Vec<Value> = (0..3)
+        .map(|i| {
+            rt.add("1.0.0", at(i))
+                .unwrap_or_else(|e| panic!("ADD {i}: {}\n{}", e.stdout, dhcp.log()))
+        })
+        .collect();
+    let ips: Vec<Ipv4Addr> = results.iter().map(address_of).collect();
+    for ip in &ips {
+        assert!(
+            (150..=160).contains(&ip.octets()[3]),
+            "{ip} is not from the DHCP range"
+        );
+    }
+    let mut leased = dhcp.leases();
+    leased.sort();
+    let mut expected = ips.clone();
+    expected.sort();
+    assert_eq!(
+        leased, expected,
+        "dnsmasq's leases are not the pods' addresses"
+    );
+    assert!(
+        node.allocated_ips().is_empty(),
+        "the built-in allocator was used"
+    );
+
+    // The pods are wired like any other: to each other and to the node.
+    assert!(pods[0].ping(ips[1], 2), "pod a cannot reach pod b");
+    assert!(node.ns.ping(ips[2], 2), "the node cannot reach pod c");
+    rt.check("1.0.0", at(0), &results[0]).expect("CHECK");
+
+    // GC releases the lease of an attachment no longer valid, DEL the rest.
+    rt.gc(&[at(0), at(1)]).expect("GC");
+    assert!(
+        eventually(Duration::from_secs(5), || !dhcp.leases().contains(&ips[2])),
+        "GC did not release {}:\n{}",
+        ips[2],
+        dhcp.log()
+    );
+    assert_eq!(pods[2].links(), vec!["lo".to_string()]);
+    for (i, result) in results.iter().enumerate().take(2) {
+        rt.del("1.0.0", at(i), Some(result)).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || dhcp.leases().is_empty()),
+        "DEL did not release the leases: {:?}",
+        dhcp.leases()
+    );
+    node.assert_nothing_left();
+
+    // No DHCP service: ADD fails with the plugin's error and leaves nothing.
+    let mut broken = beeline_plugin(&node);
+    broken["ipam"] =
+        json!({ "type": "dhcp", "daemonSocketPath": dhcp.dir.path().join("nobody.sock") });
+    let err = runtime(&node, vec![broken])
+        .add("1.0.0", at(0))
+        .unwrap_err();
+    assert!(err.stdout.contains("dhcp"), "{}", err.stdout);
+    node.assert_nothing_left();
+    assert_eq!(pods[0].links(), vec!["lo".to_string()]);
+
+    // An ADD killed while dhcp works on the new veth: only the veth (and its
+    // alias) records the attachment, and GC finds it.
+    let signal = |sig: &str| {
+        run(std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(dhcp.daemon.0.id().to_string()));
+    };
+    signal("STOP");
+    let mut add = node
+        .ns
+        .cmd(bin("beeline"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", ids[0])
+        .env("CNI_NETNS", &paths[0])
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_PATH",
+            format!(
+                "{}:{DEBIAN_CNI}",
+                bin("beeline").parent().unwrap().display()
+            ),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut conf = plugin.clone();
+    conf["cniVersion"] = json!("1.0.0");
+    conf["name"] = json!("beeline-test");
+    std::io::Write::write_all(
+        &mut add.stdin.take().unwrap(),
+        &serde_json::to_vec(&conf).unwrap(),
+    )
+    .unwrap();
+    // Up with its alias: IPAM (stalled in the stopped daemon) comes next.
+    let waiting = eventually(Duration::from_secs(10), || {
+        node.ns
+            .ip(&["-o", "link", "show", "up"])
+            .contains("alias beeline beeline-test eth0 ctr-dhcp-a")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = add.kill();
+    let _ = add.wait();
+    signal("CONT");
+    assert!(waiting, "ADD never created the veth");
+    // The stalled request completes once the daemon runs again.
+    assert!(eventually(Duration::from_secs(10), || dhcp.leases().len() == 1));
+    rt.gc(&[]).expect("GC after a killed ADD");
+    assert!(
+        eventually(Duration::from_secs(5), || dhcp.leases().is_empty()),
+        "GC did not release the killed ADD's lease"
+    );
+    node.assert_nothing_left();
+    assert_eq!(pods[0].links(), vec!["lo".to_string()]);
 }
 
 #[test]

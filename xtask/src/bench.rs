@@ -3,7 +3,7 @@
 //! Debian's bridge plugin and the physical limits, on simulated nodes in
 //! network namespaces. They write `bench/results/<date>.{json,md}`
 //! (`<date>-quick.*` with `--quick`) and print the Markdown.
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use anyhow::{Result, bail};
 
@@ -48,7 +48,7 @@ pub fn run(quick: bool) -> Result<()> {
              (`sudo cargo xtask bench`)"
         );
     }
-    ensure_bench_tools();
+    util::ensure_tools(BENCH_TOOLS);
     // Host tools, the eBPF object, release agent, CNI binary and the bench.
     crate::build_release(&["beeline-bench"])?;
     let root = util::workspace_root();
@@ -58,44 +58,4 @@ pub fn run(quick: bool) -> Result<()> {
     }
     cmd.arg("--out").arg(root.join("bench/results"));
     util::run(&mut cmd)
-}
-
-fn present(tool: &str) -> bool {
-    if tool.starts_with('/') {
-        Path::new(tool).exists()
-    } else {
-        util::on_path(tool)
-    }
-}
-
-/// Installs missing benchmark tools with apt-get (we are root here); what
-/// is still missing is reported, and the benchmark falls back or skips.
-fn ensure_bench_tools() {
-    let packages: Vec<&str> = BENCH_TOOLS
-        .iter()
-        .filter(|(tool, _, _)| !present(tool))
-        .map(|(_, package, _)| *package)
-        .collect();
-    if packages.is_empty() {
-        return;
-    }
-    if util::on_path("apt-get") {
-        util::step(&format!("installing {}", packages.join(" ")));
-        let installed = util::run(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
-            util::run(
-                Command::new("apt-get")
-                    .args(["install", "-y", "-qq", "--no-install-recommends"])
-                    .args(&packages)
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )
-        });
-        if let Err(e) = installed {
-            eprintln!("warning: {e:#}");
-        }
-    }
-    for (tool, package, without) in BENCH_TOOLS {
-        if !present(tool) {
-            eprintln!("warning: {tool} is missing (Debian package {package}): {without}");
-        }
-    }
 }

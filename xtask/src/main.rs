@@ -180,8 +180,25 @@ fn stage_libraries(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// What the kernel tests drive besides `ensure_host_tools`.
+const TEST_TOOLS: &[(&str, &str, &str)] = &[
+    ("bpftool", "bpftool", "the bpftool field-name test fails"),
+    ("nft", "nftables", "the uninstall test cannot list tables"),
+    ("iptables", "iptables", "portmap chaining fails"),
+    (
+        "/usr/lib/cni/bridge",
+        "containernetworking-plugins",
+        "delegation, chaining and reference tests fail",
+    ),
+    ("dnsmasq", "dnsmasq-base", "the dhcp IPAM test fails"),
+    ("podman", "podman", "the podman test fails"),
+    ("runc", "runc", "the podman test fails"),
+    ("/bin/busybox", "busybox-static", "the podman test fails"),
+];
+
 fn test(opts: &TestOptions) -> Result<()> {
     util::ensure_host_tools()?;
+    util::ensure_tools(TEST_TOOLS);
     let root = util::workspace_root();
     ebpf::build(&ebpf::BuildOptions::default())?;
     util::step("cargo fmt --check");

@@ -77,6 +77,45 @@ pub fn ensure_host_tools() -> Result<()> {
     )
 }
 
+/// Installs missing tools with apt-get when we can; what is still missing is
+/// reported with what happens without it. Entries: (program or absolute
+/// file, Debian package, consequence).
+pub fn ensure_tools(tools: &[(&str, &str, &str)]) {
+    let present = |tool: &str| {
+        if tool.starts_with('/') {
+            Path::new(tool).exists()
+        } else {
+            on_path(tool)
+        }
+    };
+    let mut packages: Vec<&str> = tools
+        .iter()
+        .filter(|(tool, _, _)| !present(tool))
+        .map(|(_, package, _)| *package)
+        .collect();
+    packages.dedup();
+    if packages.is_empty() {
+        return;
+    }
+    if on_path("apt-get") && is_root() {
+        step(&format!("installing {}", packages.join(" ")));
+        let installed = run(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        });
+        if let Err(e) = installed {
+            eprintln!("warning: {e:#}");
+        }
+    }
+    for (tool, package, without) in tools {
+        if !present(tool) {
+            eprintln!("warning: {tool} is missing (Debian package {package}): {without}");
+        }
+    }
+}
+
 pub fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
