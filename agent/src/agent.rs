@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 use beeline_common::{
     NodeConfig,
-    program_names::{FROM_OVERLAY, FROM_POD, FROM_UPLINK},
+    program_names::{FROM_OVERLAY, FROM_UPLINK},
 };
 use beeline_proto::{ApiError, Endpoint, NodeInfo, Request};
 use ipnet::Ipv4Net;
@@ -74,11 +74,10 @@ pub struct ReconcileReport {
     pub restored: usize,
     pub removed_stale: Vec<String>,
     pub removed_orphan_entries: Vec<Ipv4Addr>,
-    pub removed_orphan_links: Vec<String>,
 }
 
 impl Agent {
-    pub fn handle(&mut self, request: Request) -> Value {
+    pub async fn handle(&mut self, request: Request) -> Value {
         let verb = match &request {
             Request::NodeInfo => "node_info",
             Request::Register { .. } => "register",
@@ -87,13 +86,13 @@ impl Agent {
             Request::CheckEndpoint { .. } => "check_endpoint",
             Request::ListEndpoints => "list_endpoints",
         };
-        let response = self.dispatch(request);
+        let response = self.dispatch(request).await;
         self.metrics
             .count_request(verb, response.get("Ok").is_some());
         response
     }
 
-    fn dispatch(&mut self, request: Request) -> Value {
+    async fn dispatch(&mut self, request: Request) -> Value {
         fn reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Value {
             serde_json::to_value(r).expect("responses serialize")
         }
@@ -114,7 +113,7 @@ impl Agent {
                 container_id,
                 ifname,
             } => reply(Ok::<_, ApiError>(
-                self.check_endpoint(&(container_id, ifname)),
+                self.check_endpoint(&(container_id, ifname)).await,
             )),
             Request::ListEndpoints => reply(Ok::<_, ApiError>(
                 self.store.list().cloned().collect::<Vec<_>>(),
@@ -319,7 +318,7 @@ impl Agent {
     }
 
     /// The differences between an endpoint's record and the kernel.
-    fn check_endpoint(&self, key: &AttachmentKey) -> Option<Vec<String>> {
+    async fn check_endpoint(&self, key: &AttachmentKey) -> Option<Vec<String>> {
         let ep = self.store.get(key)?;
         let mut problems = Vec::new();
         match nix::net::if_::if_nametoindex(ep.host_ifname.as_str()) {
@@ -339,10 +338,14 @@ impl Agent {
             Ok(None) => problems.push(format!("the endpoint map has no entry for {}", ep.ip)),
             Err(e) => problems.push(format!("reading the endpoint map: {e:#}")),
         }
-        match self.datapath.attached(FROM_POD) {
-            Ok(ifnames) if ifnames.contains(&ep.host_ifname) => {}
-            Ok(_) => problems.push(format!("no program is attached to {}", ep.host_ifname)),
-            Err(e) => problems.push(format!("listing attached programs: {e:#}")),
+        match self
+            .datapath
+            .pod_attached(&self.netlink, &ep.host_ifname, ep.host_ifindex)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => problems.push(format!("no program is attached to {}", ep.host_ifname)),
+            Err(e) => problems.push(format!("listing the filters of {}: {e:#}", ep.host_ifname)),
         }
         Some(problems)
     }
@@ -360,7 +363,7 @@ impl Agent {
     }
 
     fn install(&mut self, ep: &Endpoint) -> Result<()> {
-        self.datapath.attach(&ep.host_ifname, FROM_POD)?;
+        self.datapath.attach_pod(&ep.host_ifname)?;
         self.datapath.upsert_endpoint(
             ep.ip,
             beeline_common::Endpoint {
@@ -376,15 +379,15 @@ impl Agent {
         if let Err(e) = self.datapath.remove_endpoint(ep.ip) {
             warn!("removing map entry {}: {e:#}", ep.ip);
         }
-        if let Err(e) = self.datapath.detach(&ep.host_ifname, FROM_POD) {
+        if let Err(e) = self.datapath.detach_pod(&ep.host_ifname) {
             warn!("detaching from {}: {e:#}", ep.host_ifname);
         }
     }
 
     /// Brings the kernel in line with the persisted endpoints: re-installs
     /// live ones (with this agent's program), drops those whose host veth is
-    /// gone (deleted while the agent was down), and removes map entries and
-    /// links nobody owns.
+    /// gone (deleted while the agent was down), and removes map entries
+    /// nobody owns. (A pod's filter goes with its veth.)
     ///
     /// `restore` (at start) re-installs every live endpoint so this process's
     /// program replaces the previous one; the periodic pass only cleans up.
@@ -413,20 +416,12 @@ impl Agent {
                 report.removed_orphan_entries.push(ip);
             }
         }
-        for ifname in self.datapath.attached(FROM_POD)? {
-            if !self.store.list().any(|e| e.host_ifname == ifname) {
-                self.datapath.detach(&ifname, FROM_POD)?;
-                report.removed_orphan_links.push(ifname);
-            }
-        }
         self.metrics
             .count_action("removed_stale_endpoint", report.removed_stale.len());
         self.metrics.count_action(
             "removed_orphan_map_entry",
             report.removed_orphan_entries.len(),
         );
-        self.metrics
-            .count_action("removed_orphan_link", report.removed_orphan_links.len());
         Ok(report)
     }
 }

@@ -1,6 +1,8 @@
 //! The eBPF datapath: loads the embedded object, pins its maps under the
-//! bpffs dir (reusing them across restarts) and attaches programs through
-//! pinned TCX links, which a newer program replaces atomically.
+//! bpffs dir (reusing them across restarts) and attaches programs: pinned
+//! TCX links on the node's uplink and VXLAN device, a cls_bpf filter on each
+//! pod's host veth. Both outlive the agent, and a newer agent swaps its
+//! program in atomically.
 use std::{
     collections::BTreeMap,
     io,
@@ -16,13 +18,15 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
     sys::SyscallError,
 };
 use beeline_common::{Endpoint, EndpointKey, NodeConfig, RemoteNode, map_names, program_names};
+
+use crate::cli::PodAttach;
 use ipnet::Ipv4Net;
 use tracing::{debug, info};
 
@@ -30,6 +34,10 @@ use tracing::{debug, info};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beeline.bpf.o"));
 
 const LINKS_DIR: &str = "links";
+
+/// Where a pod veth's filter sits in its clsact ingress hook.
+const POD_FILTER_PRIORITY: u16 = 1;
+const POD_FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 pub struct Datapath {
     ebpf: Ebpf,
@@ -39,6 +47,7 @@ pub struct Datapath {
     endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     remote_cidrs: LpmTrie<MapData, [u8; 4], RemoteNode>,
     node_config: Array<MapData, NodeConfig>,
+    pod_attach: PodAttach,
 }
 
 impl Datapath {
@@ -104,7 +113,13 @@ impl Datapath {
             endpoints,
             remote_cidrs,
             node_config,
+            pod_attach: PodAttach::default(),
         })
+    }
+
+    pub fn with_pod_attach(mut self, mode: PodAttach) -> Datapath {
+        self.pod_attach = mode;
+        self
     }
 
     /// The reader of the programs' log records (see [`forward_logs`]).
@@ -153,6 +168,93 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the from-pod program to a pod's host veth the configured
+    /// way, or swaps this process's program into an existing attachment;
+    /// one left by the other way (the flag changed) is removed.
+    pub fn attach_pod(&mut self, ifname: &str) -> Result<()> {
+        match self.pod_attach {
+            PodAttach::Tc => {
+                self.attach_filter(ifname)?;
+                self.detach(ifname, program_names::FROM_POD)
+            }
+            PodAttach::Tcx => {
+                self.attach(ifname, program_names::FROM_POD)?;
+                detach_from_pod_veth(ifname)
+            }
+        }
+    }
+
+    /// A cls_bpf filter on the veth's clsact qdisc. A TCX attach waits out a
+    /// full RCU grace period while holding the RTNL lock (about 9 ms on a
+    /// 2-CPU VM, stalling every other netlink user on the node); a filter on
+    /// a fresh clsact qdisc costs an expedited one. It lives as long as the
+    /// veth.
+    fn attach_filter(&mut self, ifname: &str) -> Result<()> {
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
+        }
+        let prog = self.program(program_names::FROM_POD)?;
+        let options = NlOptions {
+            priority: POD_FILTER_PRIORITY,
+            handle: POD_FILTER_HANDLE,
+            ..Default::default()
+        };
+        let id = match prog.attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(options),
+        ) {
+            Ok(id) => id,
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                debug!(ifname, "replacing the program of a pod filter");
+                let existing = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    POD_FILTER_PRIORITY,
+                    POD_FILTER_HANDLE,
+                    None,
+                )?;
+                prog.attach_to_link(existing)?
+            }
+            Err(e) => return Err(e).with_context(|| format!("attaching to {ifname}")),
+        };
+        // Dropping the link would delete the filter: it must outlive us.
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+
+    /// Removes the from-pod program from a host veth, whichever way it was
+    /// attached (gone already is fine).
+    pub fn detach_pod(&self, ifname: &str) -> Result<()> {
+        self.detach(ifname, program_names::FROM_POD)?;
+        detach_from_pod_veth(ifname)
+    }
+
+    /// Whether a pod's host veth runs the from-pod program.
+    pub async fn pod_attached(
+        &self,
+        netlink: &rtnetlink::Handle,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<bool> {
+        if self.link_pin(ifname, program_names::FROM_POD).exists() {
+            return Ok(true);
+        }
+        Ok(pod_program_id(netlink, ifindex).await?.is_some())
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
+    }
+
     /// Removes the pinned link, which detaches the program.
     pub fn detach(&self, ifname: &str, program: &str) -> Result<()> {
         match std::fs::remove_file(self.link_pin(ifname, program)) {
@@ -160,19 +262,6 @@ impl Datapath {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// Interfaces that have a pinned link for `program`.
-    pub fn attached(&self, program: &str) -> Result<Vec<String>> {
-        let prefix = format!("{program}-");
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir(self.bpffs.join(LINKS_DIR))? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(ifname) = name.strip_prefix(&prefix) {
-                out.push(ifname.to_string());
-            }
-        }
-        Ok(out)
     }
 
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, endpoint: Endpoint) -> Result<()> {
@@ -254,6 +343,57 @@ impl Datapath {
             })
             .collect()
     }
+}
+
+/// Removes the from-pod cls_bpf filter of a host veth (gone already is fine).
+pub fn detach_from_pod_veth(ifname: &str) -> Result<()> {
+    match tc::qdisc_detach_program(ifname, TcAttachType::Ingress, program_names::FROM_POD) {
+        Ok(()) => Ok(()),
+        Err(TcError::IoError(e))
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        Err(TcError::NetlinkError(e))
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("detaching from {ifname}")),
+    }
+}
+
+/// The id of the from-pod program filtering ingress of `ifindex`, if any.
+pub async fn pod_program_id(netlink: &rtnetlink::Handle, ifindex: u32) -> Result<Option<u32>> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+    let mut filters = netlink
+        .traffic_filter(ifindex as i32)
+        .get()
+        .ingress()
+        .execute();
+    while let Some(filter) = filters.try_next().await? {
+        let options = filter.attributes.iter().find_map(|a| match a {
+            TcAttribute::Options(o) => Some(o),
+            _ => None,
+        });
+        let (mut name, mut id) = (None, None);
+        for option in options.into_iter().flatten() {
+            match option {
+                TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.as_str()),
+                TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = Some(*i),
+                _ => {}
+            }
+        }
+        // The kernel reports the program's name as "<name>" or "<section>:[<name>]".
+        if name.is_some_and(|n| n.contains(program_names::FROM_POD)) {
+            return Ok(id);
+        }
+    }
+    Ok(None)
 }
 
 /// Forwards the programs' aya-log records into this process's logs.

@@ -83,7 +83,8 @@ async fn run(args: RunArgs) -> Result<()> {
             node_source::kubernetes(client)
         }
     };
-    let mut datapath = Datapath::load(&args.bpffs_dir, args.ebpf_debug_logs)?;
+    let mut datapath =
+        Datapath::load(&args.bpffs_dir, args.ebpf_debug_logs)?.with_pod_attach(args.pod_attach);
     let ebpf_logs = datapath
         .take_logger()
         .map(|l| tokio::spawn(datapath::forward_logs(l)));
@@ -118,6 +119,7 @@ async fn run(args: RunArgs) -> Result<()> {
     info!(?report, "reconciled persisted endpoints with the kernel");
     let initial = nodes_rx.borrow_and_update().clone();
     agent.sync_nodes(initial).await?;
+    release_freed_memory();
     let agent = Arc::new(Mutex::new(agent));
 
     let listener = server::bind(&args.socket)?;
@@ -188,6 +190,19 @@ async fn uninstall(args: UninstallArgs) -> Result<()> {
     );
     let netlink = uplink::netlink()?;
     note("the VXLAN device", uplink::delete_vxlan(&netlink).await);
+    // Pods still running keep their veths (their DEL removes those), but
+    // lose Beeline's program: their traffic falls back to kernel routing.
+    match EndpointStore::load(&args.state_dir) {
+        Ok(store) => {
+            for ep in store.list() {
+                note(
+                    &format!("the filter on {}", ep.host_ifname),
+                    datapath::detach_from_pod_veth(&ep.host_ifname).map(|()| true),
+                );
+            }
+        }
+        Err(e) => note("the endpoint list", Err(e)),
+    }
     // Unpinning the links detaches every program; unpinning the maps frees them.
     note(
         "the pinned maps and links",
@@ -231,6 +246,17 @@ async fn sync_nodes_forever(
         if let Err(e) = agent.lock().await.sync_nodes(snapshot).await {
             warn!("applying the node list: {e:#}");
         }
+        release_freed_memory();
+    }
+}
+
+/// Parsing a large node list leaves megabytes of freed heap in glibc's
+/// arenas; give them back so the agent's RSS reflects what it holds.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -239,10 +265,7 @@ async fn reconcile_periodically(agent: Arc<Mutex<Agent>>) {
     loop {
         tokio::time::sleep(Duration::from_secs(10)).await;
         match agent.lock().await.reconcile(false) {
-            Ok(r)
-                if r.removed_stale.is_empty()
-                    && r.removed_orphan_entries.is_empty()
-                    && r.removed_orphan_links.is_empty() => {}
+            Ok(r) if r.removed_stale.is_empty() && r.removed_orphan_entries.is_empty() => {}
             Ok(r) => info!(report = ?r, "reconcile removed stale state"),
             Err(e) => warn!("reconcile: {e:#}"),
         }

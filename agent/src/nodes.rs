@@ -53,21 +53,48 @@ impl NodeRoute {
     }
 }
 
+/// A NodeList reduced to routes while it is parsed: one Node at a time is
+/// alive, not the whole list (5,000 full Nodes are tens of MB).
 #[derive(Deserialize)]
 struct NodeList {
-    #[serde(default)]
-    items: Vec<Node>,
+    #[serde(default, deserialize_with = "routes_of_nodes")]
+    items: Vec<NodeRoute>,
+}
+
+fn routes_of_nodes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<NodeRoute>, D::Error> {
+    struct Nodes;
+    impl<'de> serde::de::Visitor<'de> for Nodes {
+        type Value = Vec<NodeRoute>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of Nodes")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut routes = Vec::new();
+            while let Some(node) = seq.next_element::<Node>()? {
+                routes.extend(NodeRoute::from_node(&node));
+            }
+            Ok(routes)
+        }
+    }
+    d.deserialize_seq(Nodes)
 }
 
 /// Parses a NodeList in JSON or YAML (`kind: List` or `kind: NodeList`).
 pub fn parse_node_list(text: &str) -> Result<Vec<NodeRoute>> {
-    // JSON is YAML: one parser for both, through serde_json's Value so the
-    // k8s-openapi deserializers see the JSON data model they were written for.
+    // JSON (what large generated lists are) streams straight from the text.
+    if let Ok(list) = serde_json::from_str::<NodeList>(text) {
+        return Ok(list.items);
+    }
+    // YAML goes through serde_json's Value, so the k8s-openapi deserializers
+    // see the JSON data model they were written for.
     let value: serde_json::Value =
         serde_yaml_ng::from_str(text).context("the node list is neither JSON nor YAML")?;
     let list: NodeList =
         serde_json::from_value(value).context("the node list is not a Kubernetes NodeList")?;
-    Ok(list.items.iter().filter_map(NodeRoute::from_node).collect())
+    Ok(list.items)
 }
 
 pub fn read_node_list(path: &Path) -> Result<Vec<NodeRoute>> {

@@ -56,7 +56,7 @@ async fn handle(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             debug!(?request, "API request");
-            agent.lock().await.handle(request)
+            agent.lock().await.handle(request).await
         }
         Err(e) => serde_json::to_value(Err::<(), _>(ApiError::new(format!(
             "malformed request: {e}"

@@ -123,8 +123,6 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
                 ),
             ));
         }
-        link::configure_pod(&pod, &veth, ip, node.gateway).await?;
-        link::configure_host(&host, &veth, ip).await?;
         let endpoint = Endpoint {
             container_id: env.container_id.clone(),
             ifname: env.ifname.clone(),
@@ -135,7 +133,19 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             host_mac: veth.host_mac,
             pod_mac: veth.pod_mac,
         };
-        agent.register(&endpoint).map_err(from_agent)?;
+        // The agent's tc attach waits out an RCU grace period (milliseconds):
+        // let it run while the addresses and routes are set up.
+        let socket = conf.agent_socket().to_path_buf();
+        let registered =
+            tokio::task::spawn_blocking(move || Client::new(socket).register(&endpoint));
+        let configured = async {
+            link::configure_pod(&pod, &veth, ip, node.gateway).await?;
+            link::configure_host(&host, &veth, ip).await
+        }
+        .await;
+        let registered = registered.await.expect("the register task does not panic");
+        configured?;
+        registered.map_err(from_agent)?;
         Ok::<_, CniError>((veth, ip))
     };
     match setup.await {

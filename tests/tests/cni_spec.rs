@@ -747,7 +747,8 @@ fn chained_with_portmap_and_bandwidth() {
     cluster.plug(&external, "eth0");
     external.ip(&["addr", "add", "192.168.100.200/24", "dev", "eth0"]);
     external.ip(&["link", "set", "eth0", "up"]);
-    cluster.start(&["--mode", "direct"]);
+    // bandwidth's egressRate needs the veth's ingress qdisc slot.
+    cluster.start(&["--mode", "direct", "--pod-attach", "tcx"]);
     let node = &cluster.nodes[0];
     let rate_bits = 8_000_000u64; // 8 Mbit/s
     let rt = runtime(

@@ -6,8 +6,11 @@ use std::{
     time::Duration,
 };
 
-use beeline_agent::{datapath::Datapath, inspect};
-use beeline_common::{Endpoint, program_names::FROM_POD};
+use beeline_agent::{
+    datapath::{self, Datapath},
+    inspect,
+};
+use beeline_common::Endpoint;
 use beeline_proto::MacAddr;
 use beeline_tests::*;
 
@@ -74,7 +77,7 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
 
     let mut datapath = node.enter(|| {
         let mut dp = Datapath::load(&bpffs.path, false).expect("load the eBPF object");
-        dp.attach(&sender.host_if, FROM_POD)
+        dp.attach_pod(&sender.host_if)
             .expect("attach to the host veth");
         dp
     });
@@ -137,9 +140,17 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].ip, receiver.ip);
 
-    // 3. Detaching removes the link pin and the program stops counting.
-    datapath.detach(&sender.host_if, FROM_POD).unwrap();
-    assert!(datapath.attached(FROM_POD).unwrap().is_empty());
+    // 3. Detaching removes the filter and the program stops counting.
+    node.enter(|| datapath::detach_from_pod_veth(&sender.host_if))
+        .unwrap();
+    let tc = run(node
+        .cmd("tc")
+        .args(["filter", "show", "dev", &sender.host_if, "ingress"]));
+    assert!(
+        tc.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&tc.stdout)
+    );
     let before = inspect::stats(&bpffs.path).unwrap().from_pod;
     sender.ns.enter(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();

@@ -15,10 +15,30 @@ use std::{
 use aya::programs::links::{FdLink, PinnedLink};
 use beeline_tests::*;
 
-/// Program id behind a pinned tc link.
-fn linked_program_id(node: &Node, pin: &str) -> u32 {
-    let link = PinnedLink::from_pin(node.bpffs.path.join("links").join(pin)).unwrap();
+/// Program id behind the node's pinned TCX link for `program`.
+fn linked_program_id(node: &Node, program: &str) -> u32 {
+    let links = node.bpffs.path.join("links");
+    let pin = std::fs::read_dir(&links)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with(program))
+        .unwrap_or_else(|| panic!("no pinned link for {program}"));
+    let link = PinnedLink::from_pin(pin.path()).unwrap();
     FdLink::from(link).info().unwrap().program_id()
+}
+
+/// Program id of the cls_bpf filter on a pod's host veth (`tc` prints it).
+fn pod_filter_program_id(node: &Node, host_ifname: &str) -> u32 {
+    let out = run(node
+        .ns
+        .cmd("tc")
+        .args(["filter", "show", "dev", host_ifname, "ingress"]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no bpf filter on {host_ifname}: {text}"))
 }
 
 /// A TCP stream that sends continuously and counts what the receiver got,
@@ -125,8 +145,8 @@ fn killing_and_restarting_the_agent_never_stops_pod_traffic() {
         Pod::add(&cluster.nodes[0], "1.1.0"),
     );
     let c = Pod::add(&cluster.nodes[1], "1.1.0");
-    let pod_pin = format!("beeline_from_pod-{}", a.host_ifname);
-    let program_before = linked_program_id(&cluster.nodes[0], &pod_pin);
+    let program_before = pod_filter_program_id(&cluster.nodes[0], &a.host_ifname);
+    let uplink_before = linked_program_id(&cluster.nodes[0], "beeline_from_uplink-");
     let stats_before = cluster.nodes[0].stats();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,10 +203,15 @@ fn killing_and_restarting_the_agent_never_stops_pod_traffic() {
         "cross-node gap: {samples_cross:?}"
     );
 
-    let program_after = linked_program_id(&cluster.nodes[0], &pod_pin);
+    let program_after = pod_filter_program_id(&cluster.nodes[0], &a.host_ifname);
     assert_ne!(
         program_before, program_after,
-        "the restarted agent did not swap its program in"
+        "the restarted agent did not swap its program into the pod's filter"
+    );
+    assert_ne!(
+        uplink_before,
+        linked_program_id(&cluster.nodes[0], "beeline_from_uplink-"),
+        "the restarted agent did not swap its program into the uplink's link"
     );
     let stats_after = cluster.nodes[0].stats();
     let redirected = |s: &serde_json::Value| s["from_pod"]["redirected_local"].as_u64().unwrap();
@@ -309,7 +334,23 @@ fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
             "/metrics lacks {needle}:\n{metrics}"
         );
     }
-    pod.del(&node);
+    let node_ns = node.ns.borrowed();
+    let pod_filter = || {
+        String::from_utf8_lossy(
+            &node_ns
+                .cmd("tc")
+                .args(["filter", "show", "dev", &pod.host_ifname, "ingress"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(
+        pod_filter().contains("beeline_from_pod"),
+        "{}",
+        pod_filter()
+    );
 
     let state_dir = format!("--state-dir={}", node.state_dir().display());
     let bpffs = format!("--bpffs-dir={}", node.bpffs.path.display());
@@ -326,6 +367,12 @@ fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!conflist.exists() && !installed.exists());
+    assert!(
+        !pod_filter().contains("beeline_from_pod"),
+        "a running pod kept the program: {}",
+        pod_filter()
+    );
+    pod.del(&node);
     assert!(!node.bpffs.path.exists(), "pins left");
     assert!(
         !node.ns.links().iter().any(|l| l == "beeline-vxlan"),
@@ -453,4 +500,58 @@ fn ebpf_debug_logs_reach_the_agent_log_only_when_asked_for() {
         "the program's debug log never reached the agent's log"
     );
     pod.del(&node);
+}
+
+#[test]
+fn changing_pod_attach_on_restart_moves_every_pod_to_the_new_hook() {
+    require_root();
+    let mut node = Node::new("10.244.7.0/24", Ipv4Addr::new(192, 168, 90, 1));
+    node.start_agent(&[]);
+    let (a, b) = (Pod::add(&node, "1.1.0"), Pod::add(&node, "1.1.0"));
+    let filter = |node: &Node| {
+        let out = run(node
+            .ns
+            .cmd("tc")
+            .args(["filter", "show", "dev", &a.host_ifname, "ingress"]));
+        String::from_utf8_lossy(&out.stdout).contains("beeline_from_pod")
+    };
+    let pinned = |node: &Node| {
+        node.bpffs
+            .path
+            .join("links")
+            .join(format!("beeline_from_pod-{}", a.host_ifname))
+            .exists()
+    };
+    assert!(filter(&node) && !pinned(&node), "default: a cls_bpf filter");
+
+    node.kill_agent();
+    node.start_agent(&["--pod-attach", "tcx"]);
+    assert!(pinned(&node) && !filter(&node), "tcx: a pinned link only");
+    let redirected = |node: &Node| {
+        node.stats()["from_pod"]["redirected_local"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = redirected(&node);
+    assert!(a.ns.ping(b.ip, 2));
+    assert!(
+        redirected(&node) > before,
+        "the TCX program did not carry a -> b"
+    );
+
+    node.kill_agent();
+    node.start_agent(&[]);
+    assert!(
+        filter(&node) && !pinned(&node),
+        "back to tc: the filter only"
+    );
+    let before = redirected(&node);
+    assert!(a.ns.ping(b.ip, 2));
+    assert!(
+        redirected(&node) > before,
+        "the filter did not carry a -> b"
+    );
+    a.del(&node);
+    b.del(&node);
+    node.assert_nothing_left();
 }
