@@ -56,6 +56,7 @@ pub struct Agent {
     pub datapath: Datapath,
     pub store: EndpointStore,
     pub netlink: rtnetlink::Handle,
+    pub retirer: crate::retire::Retirer,
     /// From this node's Node object; `None` until it has one.
     pub pod_cidr: Option<Ipv4Net>,
     /// Set once the uplink (the interface with the node's InternalIP) is found.
@@ -85,6 +86,7 @@ impl Agent {
             Request::GetEndpoint { .. } => "get_endpoint",
             Request::CheckEndpoint { .. } => "check_endpoint",
             Request::ListEndpoints => "list_endpoints",
+            Request::RetireLink { .. } => "retire_link",
         };
         let response = self.dispatch(request).await;
         self.metrics
@@ -118,6 +120,7 @@ impl Agent {
             Request::ListEndpoints => reply(Ok::<_, ApiError>(
                 self.store.list().cloned().collect::<Vec<_>>(),
             )),
+            Request::RetireLink { ifname } => reply(self.retire_link(ifname)),
         }
     }
 
@@ -360,6 +363,18 @@ impl Agent {
             .map_err(|e| ApiError::new(format!("cannot persist the removal: {e:#}")))?;
         info!(container = %ep.container_id, ip = %ep.ip, "endpoint unregistered");
         Ok(Some(ep))
+    }
+
+    fn retire_link(&mut self, ifname: String) -> Result<(), ApiError> {
+        if !ifname.starts_with(beeline_proto::RETIRED_PREFIX) {
+            return Err(ApiError::new(format!(
+                "{ifname} is not a retired pod veth (those are named {}...)",
+                beeline_proto::RETIRED_PREFIX
+            )));
+        }
+        self.retirer.retire(ifname);
+        self.metrics.count_action("retired_veth", 1);
+        Ok(())
     }
 
     fn install(&mut self, ep: &Endpoint) -> Result<()> {

@@ -10,6 +10,7 @@ pub mod masquerade;
 pub mod node_source;
 pub mod nodes;
 pub mod remote;
+pub mod retire;
 pub mod server;
 pub mod state;
 pub mod uplink;

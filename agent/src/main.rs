@@ -8,7 +8,9 @@ use beeline_agent::{
     cli::{Cli, Command, LogFormat, RunArgs, UninstallArgs},
     datapath::{self, Datapath},
     health::{self, Metrics},
-    inspect, install, masquerade, node_source, server,
+    inspect, install, masquerade, node_source,
+    retire::{self, Retirer},
+    server,
     state::EndpointStore,
     uplink,
 };
@@ -102,6 +104,7 @@ async fn run(args: RunArgs) -> Result<()> {
         datapath,
         store,
         netlink: uplink::netlink()?,
+        retirer: Retirer::start().context("starting the veth retirer")?,
         pod_cidr: None,
         uplink: None,
         vxlan_ifindex: 0,
@@ -117,6 +120,10 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let report = agent.reconcile(true)?;
     info!(?report, "reconciled persisted endpoints with the kernel");
+    for ifname in retire::leftovers(&agent.netlink).await {
+        info!(ifname, "deleting a retired veth left by the previous agent");
+        agent.retirer.retire(ifname);
+    }
     let initial = nodes_rx.borrow_and_update().clone();
     agent.sync_nodes(initial).await?;
     release_freed_memory();

@@ -204,7 +204,19 @@ pub async fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     // Release before the veth goes: dhcp sends its DHCPRELEASE through it.
     Addressing::new(env, conf, stdin)?.release()?;
     let host = netns::netlink_here()?;
-    link::delete_by_name(&host, &link::host_ifname(&env.container_id, &env.ifname)).await?;
+    // The pod end is renamed too when its netns is still there.
+    let pod = match env.netns.as_deref().map(netns::open) {
+        Some(Ok(ns)) => Some(netns::netlink_in(&ns)?),
+        _ => None,
+    };
+    let host_ifname = link::host_ifname(&env.container_id, &env.ifname);
+    if let Some(retired) = link::retire(&host, pod.as_ref(), &host_ifname, &env.ifname).await? {
+        // The agent deletes it in the background; without an agent, now.
+        if let Err(e) = agent.retire_link(&retired) {
+            info!("deleting {retired} here ({e})");
+            link::delete_by_name(&host, &retired).await?;
+        }
+    }
     info!(container = %env.container_id, "pod detached");
     Ok(())
 }

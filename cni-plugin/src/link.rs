@@ -273,6 +273,68 @@ async fn set_up(handle: &Handle, index: u32) -> Result<()> {
         .map_err(|e| netlink_error(format!("cannot bring up interface {index}"), e))
 }
 
+/// A fresh name for a retired veth: the prefix and 13 hex digits.
+pub fn retired_name() -> String {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.write_u128(now.as_nanos());
+    h.write_u32(std::process::id());
+    format!(
+        "{}{:013x}",
+        beeline_proto::RETIRED_PREFIX,
+        h.finish() & ((1 << 52) - 1)
+    )
+}
+
+/// Takes a pod's veth out of service at once, leaving its deletion (tens of
+/// milliseconds in the kernel) for later: the host end goes down (its route
+/// and neighbour entries go with it) and is renamed, and so is the pod end
+/// if `pod` is given, so the attachment's names are free again. Returns the
+/// host end's new name; `None` if there was no such veth.
+pub async fn retire(
+    host: &Handle,
+    pod: Option<&Handle>,
+    host_ifname: &str,
+    ifname: &str,
+) -> Result<Option<String>> {
+    let Some(link) = link_by_name(host, host_ifname).await? else {
+        return Ok(None);
+    };
+    let retired = retired_name();
+    // A running interface cannot be renamed: down first, then rename.
+    let rename = |handle: &Handle, index: u32, alias: Option<&str>| {
+        let handle = handle.clone();
+        let retired = retired.clone();
+        let alias = alias.map(str::to_string);
+        async move {
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).down().build())
+                .execute()
+                .await?;
+            let mut renamed = LinkUnspec::new_with_index(index).name(retired);
+            if let Some(alias) = alias {
+                renamed = renamed.alias(alias);
+            }
+            handle.link().set(renamed.build()).execute().await
+        }
+    };
+    if let Some(pod) = pod
+        && let Some(pod_link) = link_by_name(pod, ifname).await?
+    {
+        rename(pod, pod_link.header.index, None)
+            .await
+            .map_err(|e| netlink_error(format!("cannot retire {ifname} in the pod"), e))?;
+    }
+    rename(host, link.header.index, Some(beeline_proto::RETIRED_ALIAS))
+        .await
+        .map_err(|e| netlink_error(format!("cannot retire {host_ifname}"), e))?;
+    Ok(Some(retired))
+}
+
 /// Deletes a link by name; `Ok(false)` if it did not exist.
 pub async fn delete_by_name(handle: &Handle, name: &str) -> Result<bool> {
     let Some(link) = link_by_name(handle, name).await? else {

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use beeline_proto::RETIRED_PREFIX;
 use serde_json::Value;
 
 pub use serde_json::json;
@@ -203,6 +204,19 @@ impl NetNs {
             .iter()
             .map(|l| l["ifname"].as_str().unwrap().to_string())
             .collect()
+    }
+
+    /// The links once every veth DEL retired is deleted (the agent does that
+    /// in the background, within tens of milliseconds).
+    pub fn settled_links(&self) -> Vec<String> {
+        let retired = |l: &Vec<String>| l.iter().any(|n| n.starts_with(RETIRED_PREFIX));
+        let mut links = self.links();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while retired(&links) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            links = self.links();
+        }
+        links
     }
 
     /// (rx, tx) packet counters of `dev`.
@@ -480,12 +494,13 @@ impl Node {
             .collect()
     }
 
-    /// Host-side pod veths in the node namespace.
+    /// Host-side pod veths in the node namespace, retired ones included
+    /// until the agent has deleted them.
     pub fn pod_veths(&self) -> Vec<String> {
         self.ns
-            .links()
+            .settled_links()
             .into_iter()
-            .filter(|l| l.starts_with("bl"))
+            .filter(|l| l.starts_with("bl") || l.starts_with(RETIRED_PREFIX))
             .collect()
     }
 

@@ -303,7 +303,7 @@ fn every_bad_input_gets_the_right_error_code_and_leaves_nothing() {
             ));
         }
         assert_eq!(
-            pod.links(),
+            pod.settled_links(),
             vec!["lo".to_string()],
             "{name}: an interface was left in the pod"
         );
@@ -334,7 +334,7 @@ fn an_exhausted_pod_cidr_is_an_error_never_a_duplicate() {
     );
     assert_eq!(out.error_code(), 100, "{}", out.stdout);
     assert!(out.stdout.contains("exhausted"), "{}", out.stdout);
-    assert_eq!(extra.links(), vec!["lo".to_string()]);
+    assert_eq!(extra.settled_links(), vec!["lo".to_string()]);
     for pod in &pods {
         pod.del(&node);
     }
@@ -418,7 +418,7 @@ fn gc_releases_everything_not_in_the_valid_list() {
     assert_eq!(node.map_endpoints().len(), 1);
     for pod in &stale {
         assert_eq!(
-            pod.ns.links(),
+            pod.ns.settled_links(),
             vec!["lo".to_string()],
             "a stale pod kept its interface"
         );
@@ -510,7 +510,7 @@ fn ipam_is_delegated_to_host_local_and_static_through_cni_path() {
         leftovers.is_empty(),
         "the delegate kept an address after a failed ADD"
     );
-    assert_eq!(pod.links(), vec!["lo".to_string()]);
+    assert_eq!(pod.settled_links(), vec!["lo".to_string()]);
 
     let mut static_plugin = beeline_plugin(&node);
     static_plugin["ipam"] =
@@ -661,7 +661,7 @@ fn ipam_is_delegated_to_dhcp_with_a_node_local_server() {
         ips[2],
         dhcp.log()
     );
-    assert_eq!(pods[2].links(), vec!["lo".to_string()]);
+    assert_eq!(pods[2].settled_links(), vec!["lo".to_string()]);
     for (i, result) in results.iter().enumerate().take(2) {
         rt.del("1.0.0", at(i), Some(result)).unwrap();
     }
@@ -681,7 +681,7 @@ fn ipam_is_delegated_to_dhcp_with_a_node_local_server() {
         .unwrap_err();
     assert!(err.stdout.contains("dhcp"), "{}", err.stdout);
     node.assert_nothing_left();
-    assert_eq!(pods[0].links(), vec!["lo".to_string()]);
+    assert_eq!(pods[0].settled_links(), vec!["lo".to_string()]);
 
     // An ADD killed while dhcp works on the new veth: only the veth (and its
     // alias) records the attachment, and GC finds it.
@@ -737,7 +737,7 @@ fn ipam_is_delegated_to_dhcp_with_a_node_local_server() {
         "GC did not release the killed ADD's lease"
     );
     node.assert_nothing_left();
-    assert_eq!(pods[0].links(), vec!["lo".to_string()]);
+    assert_eq!(pods[0].settled_links(), vec!["lo".to_string()]);
 }
 
 #[test]
@@ -888,7 +888,7 @@ fn two_hundred_concurrent_operations_never_duplicate_or_leak() {
     });
     node.assert_nothing_left();
     for ns in &namespaces {
-        assert_eq!(ns.links(), vec!["lo".to_string()]);
+        assert_eq!(ns.settled_links(), vec!["lo".to_string()]);
     }
 }
 
@@ -948,7 +948,7 @@ fn a_cni_killed_anywhere_in_add_converges_after_del_or_gc() {
         }
         node.assert_nothing_left();
         assert_eq!(
-            ns.links(),
+            ns.settled_links(),
             vec!["lo".to_string()],
             "kill {i} after {delay:?} left an interface"
         );

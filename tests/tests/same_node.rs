@@ -148,7 +148,7 @@ fn agent_down_gives_code_11_and_leaves_nothing() {
     assert_eq!(node.pod_veths(), Vec::<String>::new());
     assert_eq!(node.allocated_ips(), Vec::<String>::new());
     assert_eq!(
-        pod_ns.links(),
+        pod_ns.settled_links(),
         vec!["lo".to_string()],
         "pod netns got an interface"
     );
@@ -182,7 +182,7 @@ fn a_failed_registration_undoes_the_add() {
         vec![first.host_ifname.clone()],
         "the failed ADD left a veth"
     );
-    assert_eq!(pod_ns.links(), vec!["lo".to_string()]);
+    assert_eq!(pod_ns.settled_links(), vec!["lo".to_string()]);
     let other_ipam = node.dir.path().join("other-ipam/beeline-test");
     let leftovers: Vec<_> = std::fs::read_dir(other_ipam)
         .unwrap()
@@ -289,5 +289,110 @@ fn the_agent_waits_for_its_pod_cidr_and_says_so() {
     assert!(link.contains("\"mtu\":1400"), "{link}");
     node.cni("DEL", &conf, "ctr-early", Some(&pod_ns.path()), "eth0")
         .expect_ok("DEL");
+    node.assert_nothing_left();
+}
+
+/// DEL takes the veth out of service at once and leaves the kernel's slow
+/// teardown to the agent.
+#[test]
+fn del_retires_the_veth_and_the_agent_deletes_it() {
+    require_root();
+    let mut node = Node::new("10.244.8.0/24", Ipv4Addr::new(192, 168, 90, 1));
+    node.start_agent(&[]);
+    let conf = node.cni_conf("1.1.0");
+    let retired = |ns: &NetNs| -> Vec<String> {
+        ns.links()
+            .into_iter()
+            .filter(|l| l.starts_with("bx"))
+            .collect()
+    };
+
+    let pod = Pod::add(&node, "1.1.0");
+    pod.del(&node);
+    // Right away: the names, the route and the neighbour are gone.
+    assert!(!node.ns.links().contains(&pod.host_ifname));
+    assert!(!pod.ns.links().contains(&"eth0".to_string()));
+    assert_eq!(
+        node.ns.ip(&["route", "show", &pod.ip.to_string()]).trim(),
+        ""
+    );
+    assert!(!node.ns.ip(&["neigh", "show"]).contains(&pod.ip.to_string()));
+    // So the same attachment can come back at once.
+    let again = node
+        .cni(
+            "ADD",
+            &conf,
+            &pod.container_id,
+            Some(&pod.ns.path()),
+            "eth0",
+        )
+        .expect_ok("ADD right after DEL");
+    let ip: Ipv4Addr = again.json()["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap();
+    assert!(node.ns.ping(ip, 2), "the re-added pod is unreachable");
+    pod.del(&node);
+    // And the agent deletes the retired pairs.
+    assert!(
+        eventually(Duration::from_secs(5), || retired(&node.ns).is_empty()
+            && retired(&pod.ns).is_empty()),
+        "retired veths stay: {:?} {:?}",
+        retired(&node.ns),
+        retired(&pod.ns)
+    );
+    assert!(
+        node.agent
+            .as_ref()
+            .unwrap()
+            .log_text()
+            .contains("retired veth deleted")
+    );
+
+    // Without an agent, DEL deletes the veth itself before it returns.
+    let pod = Pod::add(&node, "1.1.0");
+    node.kill_agent();
+    pod.del(&node);
+    assert_eq!(retired(&node.ns), Vec::<String>::new());
+    assert_eq!(pod.ns.links(), vec!["lo".to_string()]);
+
+    // A retired veth a dead agent left behind goes when the next one starts.
+    node.ns.ip(&[
+        "link",
+        "add",
+        "bx00000000test",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "bx00000000tesp",
+    ]);
+    node.ns
+        .ip(&["link", "set", "bx00000000test", "alias", "beeline retired"]);
+    node.ns.ip(&[
+        "link",
+        "add",
+        "bx00000000keep",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "bx00000000kepp",
+    ]);
+    node.start_agent(&[]);
+    assert!(
+        eventually(Duration::from_secs(5), || !node
+            .ns
+            .links()
+            .contains(&"bx00000000test".to_string())),
+        "the leftover retired veth stays"
+    );
+    assert!(
+        node.ns.links().contains(&"bx00000000keep".to_string()),
+        "a veth without the retired alias was deleted"
+    );
+    node.ns.ip(&["link", "del", "bx00000000keep"]);
     node.assert_nothing_left();
 }

@@ -42,7 +42,16 @@ pub enum Request {
     },
     /// Every endpoint the agent knows.
     ListEndpoints,
+    /// Deletes a retired pod veth (already down and renamed to
+    /// [`RETIRED_PREFIX`]...) in the background: the kernel takes tens of
+    /// milliseconds to tear a veth pair down, which DEL need not wait for.
+    RetireLink { ifname: String },
 }
+
+/// Name prefix of a pod veth that DEL took out of service.
+pub const RETIRED_PREFIX: &str = "bx";
+/// The alias a retired veth carries (the agent deletes leftovers at start).
+pub const RETIRED_ALIAS: &str = "beeline retired";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -149,6 +158,12 @@ impl Client {
     ) -> Result<Option<Endpoint>, ClientError> {
         self.call(&Request::Unregister {
             container_id: container_id.into(),
+            ifname: ifname.into(),
+        })
+    }
+
+    pub fn retire_link(&self, ifname: &str) -> Result<(), ClientError> {
+        self.call(&Request::RetireLink {
             ifname: ifname.into(),
         })
     }
