@@ -65,7 +65,17 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     let netns_path = env.netns.as_ref().expect("ADD requires CNI_NETNS");
     let netns = netns::open(netns_path)?;
     let agent = Client::new(conf.agent_socket());
-    let node = agent.node_info().map_err(from_agent)?;
+    // Ask the agent while the netlink sockets are opened.
+    let node = tokio::task::spawn_blocking({
+        let agent = agent.clone();
+        move || agent.node_info()
+    });
+    let host = netns::netlink_here()?;
+    let pod = netns::netlink_in(&netns)?;
+    let node = node
+        .await
+        .expect("the node_info task does not panic")
+        .map_err(from_agent)?;
     let pod_cidr: Ipv4Net = node.pod_cidr.parse().map_err(|e| {
         CniError::new(
             code::AGENT_REFUSED,
@@ -74,8 +84,6 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
         .with_details(e)
     })?;
     let mtu = conf.mtu.unwrap_or(node.mtu);
-    let host = netns::netlink_here()?;
-    let pod = netns::netlink_in(&netns)?;
     let host_ifname = link::host_ifname(&env.container_id, &env.ifname);
     if link::link_by_name(&host, &host_ifname).await?.is_some() {
         return Err(CniError::new(
@@ -106,12 +114,12 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
         };
         let alias = link::attachment_alias(&conf.name, &env.container_id, &env.ifname);
         let veth = link::create_veth(&host, &pod, &netns, &host_ifname, &env.ifname, mtu).await?;
-        link::bring_up(&host, &pod, &veth, &alias, host_address).await?;
-        let ip = match early {
-            Some(ip) => ip,
+        let (ip, configured_early) = match early {
+            Some(ip) => (ip, false),
             None => {
+                link::bring_up(&host, &pod, &veth, &alias, host_address).await?;
                 acquired = true;
-                addressing.acquire(pod_cidr)?
+                (addressing.acquire(pod_cidr)?, true)
             }
         };
         if !pod_cidr.contains(&ip) {
@@ -133,16 +141,20 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             host_mac: veth.host_mac,
             pod_mac: veth.pod_mac,
         };
-        // The agent's tc attach waits out an RCU grace period (milliseconds):
-        // let it run while the addresses and routes are set up.
-        let socket = conf.agent_socket().to_path_buf();
-        let registered =
-            tokio::task::spawn_blocking(move || Client::new(socket).register(&endpoint));
+        // The agent attaches its program meanwhile the links are set up.
+        let registered = tokio::task::spawn_blocking({
+            let agent = agent.clone();
+            move || agent.register(&endpoint)
+        });
         let configured = async {
+            if !configured_early {
+                link::bring_up(&host, &pod, &veth, &alias, host_address).await?;
+            }
             link::configure_pod(&pod, &veth, ip, node.gateway).await?;
             link::configure_host(&host, &veth, ip).await
         }
         .await;
+        // Both finish before any undo, so an unregister cannot overtake them.
         let registered = registered.await.expect("the register task does not panic");
         configured?;
         registered.map_err(from_agent)?;

@@ -124,6 +124,7 @@ pub enum ClientError {
 }
 
 /// A blocking client: the CNI binary is short-lived and makes a few calls.
+#[derive(Clone)]
 pub struct Client {
     path: PathBuf,
     timeout: Duration,

@@ -2117,9 +2117,11 @@ struct CrossNode {
     direct_pods: Vec<(NetNs, Ipv4Addr)>,
     vxlan_pods: Vec<(NetNs, Ipv4Addr)>,
     kr_pods: Vec<(NetNs, Ipv4Addr)>,
+    kvx_pods: Vec<(NetNs, Ipv4Addr)>,
     direct: Cluster,
     vxlan: Cluster,
     kr: Cluster,
+    _kvx: Cluster,
 }
 
 fn beeline_cluster(mode: &str) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
@@ -2144,9 +2146,51 @@ fn link_mac(ns: &NetNs, dev: &str) -> R<String> {
 }
 
 /// Kernel routing: per node a pod behind a veth with a /32 and a host
-/// route, and a route to the other node's podCIDR via its underlay IP.
-fn kernel_routing_cluster() -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
+/// route, and a route to the other node's podCIDR via its underlay IP
+/// (`vxlan`: via the peer's end of a kernel VXLAN device, flannel style).
+fn kernel_routing_cluster(vxlan: bool) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
     let c = Cluster::new(2);
+    // flannel's vxlan backend: one VXLAN device per node, its address the
+    // podCIDR's .0, static neighbour + FDB entries for every peer.
+    let vtep = |j: usize| Ipv4Addr::new(10, 244, j as u8 + 1, 0);
+    if vxlan {
+        for (i, node) in c.nodes.iter().enumerate() {
+            let local = Cluster::node_ip(i).to_string();
+            node.ns.ip(&[
+                "link", "add", "kvx0", "type", "vxlan", "id", "42", "dstport", "4789", "local",
+                &local,
+            ]);
+            node.ns
+                .ip(&["addr", "add", &format!("{}/32", vtep(i)), "dev", "kvx0"]);
+            node.ns.ip(&["link", "set", "kvx0", "up"]);
+        }
+        for (i, node) in c.nodes.iter().enumerate() {
+            for (j, peer) in c.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+                let mac = link_mac(&peer.ns, "kvx0")?;
+                let peer_vtep = vtep(j).to_string();
+                node.ns.ip(&[
+                    "neigh",
+                    "add",
+                    &peer_vtep,
+                    "lladdr",
+                    &mac,
+                    "dev",
+                    "kvx0",
+                    "nud",
+                    "permanent",
+                ]);
+                beeline_tests::run(node.ns.cmd("bridge").args([
+                    "fdb",
+                    "append",
+                    &mac,
+                    "dev",
+                    "kvx0",
+                    "dst",
+                    &Cluster::node_ip(j).to_string(),
+                ]));
+            }
+        }
+    }
     let mut pods = Vec::new();
     for (i, node) in c.nodes.iter().enumerate() {
         let pod = NetNs::new("blp");
@@ -2157,6 +2201,9 @@ fn kernel_routing_cluster() -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
         ]);
         node.ns.ip(&["link", "set", "krh0", "up"]);
         pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        if vxlan {
+            pod.ip(&["link", "set", "eth0", "mtu", "1450"]);
+        }
         pod.ip(&["link", "set", "eth0", "up"]);
         let host_mac = link_mac(&node.ns, "krh0")?;
         let pod_mac = link_mac(&pod, "eth0")?;
@@ -2210,13 +2257,27 @@ fn kernel_routing_cluster() -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
             "permanent",
         ]);
         for j in (0..c.nodes.len()).filter(|j| *j != i) {
-            node.ns.ip(&[
-                "route",
-                "add",
-                &Cluster::pod_cidr(j),
-                "via",
-                &Cluster::node_ip(j).to_string(),
-            ]);
+            if vxlan {
+                let via = vtep(j).to_string();
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    &Cluster::pod_cidr(j),
+                    "via",
+                    &via,
+                    "dev",
+                    "kvx0",
+                    "onlink",
+                ]);
+            } else {
+                node.ns.ip(&[
+                    "route",
+                    "add",
+                    &Cluster::pod_cidr(j),
+                    "via",
+                    &Cluster::node_ip(j).to_string(),
+                ]);
+            }
         }
         netns_sysctl(&node.ns, "net.ipv4.ip_forward", "1")
             .filter(|v| v == "1")
@@ -2230,14 +2291,17 @@ impl CrossNode {
     fn new() -> R<CrossNode> {
         let (direct, direct_pods) = beeline_cluster("direct")?;
         let (vxlan, vxlan_pods) = beeline_cluster("vxlan")?;
-        let (kr, kr_pods) = kernel_routing_cluster()?;
+        let (kr, kr_pods) = kernel_routing_cluster(false)?;
+        let (kvx, kvx_pods) = kernel_routing_cluster(true)?;
         Ok(CrossNode {
             direct_pods,
             vxlan_pods,
             kr_pods,
+            kvx_pods,
             direct,
             vxlan,
             kr,
+            _kvx: kvx,
         })
     }
 
@@ -2267,13 +2331,22 @@ impl CrossNode {
                 ip: self.vxlan_pods[1].1,
                 client: &self.vxlan_pods[0].0,
             },
+            Path2 {
+                name: "kernel vxlan",
+                server: &self.kvx_pods[1].0,
+                ip: self.kvx_pods[1].1,
+                client: &self.kvx_pods[0].0,
+            },
         ]
     }
 }
 
 fn cross_node_phases(cfg: &Cfg) -> R<Output> {
     let want = |p: u8| cfg.phases.contains(&p);
-    step("phases 4/6: 2-node clusters (beeline direct, beeline vxlan, kernel routing + underlay)");
+    step(
+        "phases 4/6: 2-node clusters (beeline direct, beeline vxlan, kernel routing + underlay, \
+         kernel vxlan)",
+    );
     let setup = CrossNode::new()?;
     let paths = setup.paths();
     check_paths(&paths)?;
@@ -2295,6 +2368,8 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
              Two node namespaces on a bridged underlay (veths, MTU 1500). Underlay: node to node \
              over the uplinks (no BPF). Kernel routing: host-gw style, pods on veths with a /32 \
              and a host route, `ip route add <remote podCIDR> via <peer node IP>`, no BPF. \
+             Kernel VXLAN: the same pods, routed through a kernel VXLAN device with static \
+             neighbour and FDB entries (flannel's vxlan backend), pod MTU 1450, no BPF. \
              Beeline `--mode direct` (pod MTU 1500) and `--mode vxlan` (pod MTU 1450). {}\n\n",
                 traffic_method(cfg)
             );
@@ -2331,6 +2406,28 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                         "–".into(),
                         "–".into(),
                     ]);
+                }
+                if let Some(k) = path_named(&v, "kernel vxlan") {
+                    rows.push(vec![
+                        "kernel vxlan / underlay throughput".into(),
+                        ratio(k.tput_ratio(u)),
+                        "–".into(),
+                        "–".into(),
+                    ]);
+                    if let Some(b) = path_named(&v, "beeline vxlan") {
+                        rows.push(vec![
+                            "beeline vxlan / kernel vxlan throughput".into(),
+                            ratio(b.tput_ratio(k)),
+                            "–".into(),
+                            "–".into(),
+                        ]);
+                        rows.push(vec![
+                            "beeline vxlan / kernel vxlan RTT p50".into(),
+                            ratio(b.p50_ratio(k)),
+                            "–".into(),
+                            "–".into(),
+                        ]);
+                    }
                 }
                 md.push('\n');
                 md.push_str(&table(&["ratio", "measured", "target", "met"], rows));
