@@ -396,3 +396,30 @@ fn del_retires_the_veth_and_the_agent_deletes_it() {
     node.ns.ip(&["link", "del", "bx00000000keep"]);
     node.assert_nothing_left();
 }
+
+/// The programs route like a router: TTL down by one with a valid header
+/// checksum (the receiver's stack drops anything else), and a packet whose
+/// TTL would expire goes to the host stack, which answers time-exceeded.
+#[test]
+fn ttl_is_decremented_and_expiring_packets_reach_the_host() {
+    let node = node();
+    let (a, b) = (Pod::add(&node, "1.1.0"), Pod::add(&node, "1.1.0"));
+    let ping = |ttl: &str| {
+        let out =
+            a.ns.cmd("ping")
+                .args(["-c", "1", "-W", "2", "-t", ttl, &b.ip.to_string()])
+                .output()
+                .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = counter(&node.stats(), "from_pod", "redirected_local");
+    let reply = ping("64");
+    // b answers with TTL 64; b's program makes it 63 on the way back.
+    assert!(reply.contains("ttl=63"), "{reply}");
+    assert!(counter(&node.stats(), "from_pod", "redirected_local") >= before + 2);
+    let expired = ping("1");
+    assert!(expired.contains("Time to live exceeded"), "{expired}");
+    a.del(&node);
+    b.del(&node);
+    node.assert_nothing_left();
+}

@@ -48,7 +48,6 @@ const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
 const IPV4_DADDR_OFF: usize = ETH_HLEN + 16;
 const IPV4_MIN_HLEN: usize = 20;
 const AF_INET: u32 = 2;
-const BPF_F_PSEUDO_HDR_NONE: u64 = 0;
 
 #[derive(Clone, Copy)]
 enum Verdict {
@@ -101,59 +100,81 @@ const PASS: (Verdict, i32) = (Verdict::PassedToHost, TC_ACT_UNSPEC);
 const MALFORMED: (Verdict, i32) = (Verdict::DroppedMalformed, TC_ACT_SHOT);
 const HELPER_ERROR: (Verdict, i32) = (Verdict::DroppedHelperError, TC_ACT_SHOT);
 
-/// Returns the IPv4 destination, or `None` when the frame is not IPv4.
+/// Ethernet + the fixed IPv4 header: what the programs read and write.
+const HEADERS_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN;
+
+/// The Ethernet and IPv4 headers, read and written in place (direct packet
+/// access: no helper call per field). The headers of a pod's or peer's
+/// packet are normally in the linear area; if not, they are pulled in once.
+/// `None` when the frame is not IPv4.
 #[inline(always)]
-fn ipv4_destination(ctx: &TcContext) -> Result<Option<[u8; 4]>, ()> {
-    if (ctx.len() as usize) < ETH_HLEN {
+fn headers(ctx: &TcContext) -> Result<Option<*mut [u8; HEADERS_LEN]>, ()> {
+    let len = ctx.len() as usize;
+    if len < ETH_HLEN {
         return Err(());
     }
-    let ethertype: u16 = ctx
-        .load::<[u8; 2]>(12)
-        .map(u16::from_be_bytes)
-        .map_err(|_| ())?;
+    if len >= HEADERS_LEN && linear::<[u8; HEADERS_LEN]>(ctx).is_none() {
+        // Rare: headers outside the linear area. A failed pull shows below.
+        let _ = ctx.pull_data(HEADERS_LEN as u32);
+    }
+    let eth = linear::<[u8; ETH_HLEN]>(ctx).ok_or(())?;
+    // SAFETY: `linear` checked that the bytes lie inside the packet.
+    let ethertype = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
     if ethertype != ETH_P_IP {
         return Ok(None);
     }
-    if (ctx.len() as usize) < ETH_HLEN + IPV4_MIN_HLEN {
-        return Err(());
-    }
-    ctx.load::<[u8; 4]>(IPV4_DADDR_OFF)
-        .map(Some)
-        .map_err(|_| ())
+    linear::<[u8; HEADERS_LEN]>(ctx).map(Some).ok_or(())
 }
 
-/// Decrements the IPv4 TTL like a router does. Returns `Ok(false)` when the
-/// packet must not be forwarded (TTL would expire): the host stack then sends
-/// the ICMP time-exceeded.
+/// A pointer to the first `size_of::<T>()` bytes of the packet, if they are
+/// in the linear area (the check the verifier needs).
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext) -> Result<bool, ()> {
-    let old: [u8; 2] = ctx.load(IPV4_TTL_OFF).map_err(|_| ())?;
-    if old[0] <= 1 {
-        return Ok(false);
+fn linear<T>(ctx: &TcContext) -> Option<*mut T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + core::mem::size_of::<T>() > end {
+        return None;
     }
-    let new = [old[0] - 1, old[1]];
-    let (old_word, new_word) = (u16::from_ne_bytes(old), u16::from_ne_bytes(new));
-    ctx.l3_csum_replace(IPV4_CSUM_OFF, old_word as u64, new_word as u64, 2)
-        .map_err(|_| ())?;
-    ctx.store(IPV4_TTL_OFF, &new, BPF_F_PSEUDO_HDR_NONE)
-        .map_err(|_| ())?;
-    Ok(true)
+    Some(start as *mut T)
+}
+
+#[inline(always)]
+fn ipv4_destination(h: &[u8; HEADERS_LEN]) -> [u8; 4] {
+    [
+        h[IPV4_DADDR_OFF],
+        h[IPV4_DADDR_OFF + 1],
+        h[IPV4_DADDR_OFF + 2],
+        h[IPV4_DADDR_OFF + 3],
+    ]
+}
+
+/// Decrements the IPv4 TTL like a router does, fixing the header checksum
+/// incrementally (RFC 1624). Returns false when the packet must not be
+/// forwarded (TTL would expire): the host stack then sends the ICMP
+/// time-exceeded.
+#[inline(always)]
+fn decrement_ttl(h: &mut [u8; HEADERS_LEN]) -> bool {
+    let ttl = h[IPV4_TTL_OFF];
+    if ttl <= 1 {
+        return false;
+    }
+    h[IPV4_TTL_OFF] = ttl - 1;
+    // TTL is the high byte of its 16-bit word: the word drops by 0x0100.
+    let csum = u16::from_be_bytes([h[IPV4_CSUM_OFF], h[IPV4_CSUM_OFF + 1]]);
+    let sum = (!csum as u32) + 0xfeff; // + ~0x0100
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let csum = !(sum as u16);
+    h[IPV4_CSUM_OFF..IPV4_CSUM_OFF + 2].copy_from_slice(&csum.to_be_bytes());
+    true
 }
 
 /// Rewrites the Ethernet header and hands the packet to the pod's netns.
 #[inline(always)]
-fn deliver_local(ctx: &TcContext, ep: &Endpoint) -> (Verdict, i32) {
-    match decrement_ttl(ctx) {
-        Ok(true) => {}
-        Ok(false) => return PASS,
-        Err(()) => return HELPER_ERROR,
+fn deliver_local(h: &mut [u8; HEADERS_LEN], ctx: &TcContext, ep: &Endpoint) -> (Verdict, i32) {
+    if !decrement_ttl(h) {
+        return PASS;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&ep.pod_mac);
-    macs[6..].copy_from_slice(&ep.host_mac);
-    if ctx.store(0, &macs, 0).is_err() {
-        return HELPER_ERROR;
-    }
+    h[..6].copy_from_slice(&ep.pod_mac);
+    h[6..12].copy_from_slice(&ep.host_mac);
     // SAFETY: plain helper call; the kernel validates the ifindex.
     let action = unsafe { bpf_redirect_peer(ep.host_ifindex, 0) } as i32;
     if action == TC_ACT_SHOT {
@@ -168,14 +189,16 @@ fn deliver_local(ctx: &TcContext, ep: &Endpoint) -> (Verdict, i32) {
 }
 
 #[inline(always)]
-fn forward_remote(ctx: &TcContext, remote: &RemoteNode) -> (Verdict, i32) {
+fn forward_remote(
+    h: &mut [u8; HEADERS_LEN],
+    ctx: &TcContext,
+    remote: &RemoteNode,
+) -> (Verdict, i32) {
     let Some(config) = BEELINE_NODE_CONFIG.get(0) else {
         return PASS;
     };
-    match decrement_ttl(ctx) {
-        Ok(true) => {}
-        Ok(false) => return PASS,
-        Err(()) => return HELPER_ERROR,
+    if !decrement_ttl(h) {
+        return PASS;
     }
     if remote.tunnel == Tunnel::Vxlan as u32 {
         if config.vxlan_ifindex == 0 {
@@ -237,8 +260,9 @@ fn forward_remote(ctx: &TcContext, remote: &RemoteNode) -> (Verdict, i32) {
 
 #[inline(always)]
 fn from_pod(ctx: &TcContext) -> (Verdict, i32) {
-    let daddr = match ipv4_destination(ctx) {
-        Ok(Some(daddr)) => daddr,
+    let h = match headers(ctx) {
+        // SAFETY: `headers` bounds-checked the bytes; nothing else holds them.
+        Ok(Some(h)) => unsafe { &mut *h },
         Ok(None) => return PASS,
         Err(()) => {
             debug!(
@@ -249,27 +273,29 @@ fn from_pod(ctx: &TcContext) -> (Verdict, i32) {
             return MALFORMED;
         }
     };
+    let daddr = ipv4_destination(h);
     // SAFETY: the value is copied out before any map update can reuse the slot.
     if let Some(ep) = unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
-        return deliver_local(ctx, &ep);
+        return deliver_local(h, ctx, &ep);
     }
     let key = Key::new(32, daddr);
     if let Some(remote) = BEELINE_REMOTE_CIDRS.get(&key).copied() {
-        return forward_remote(ctx, &remote);
+        return forward_remote(h, ctx, &remote);
     }
     PASS
 }
 
 #[inline(always)]
 fn from_node(ctx: &TcContext) -> (Verdict, i32) {
-    let daddr = match ipv4_destination(ctx) {
-        Ok(Some(daddr)) => daddr,
+    let h = match headers(ctx) {
+        // SAFETY: `headers` bounds-checked the bytes; nothing else holds them.
+        Ok(Some(h)) => unsafe { &mut *h },
         Ok(None) => return PASS,
         Err(()) => return MALFORMED,
     };
     // SAFETY: the value is copied out before any map update can reuse the slot.
-    match unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
-        Some(ep) => deliver_local(ctx, &ep),
+    match unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: ipv4_destination(h) }) }.copied() {
+        Some(ep) => deliver_local(h, ctx, &ep),
         None => PASS,
     }
 }
