@@ -293,8 +293,9 @@ fn from_node(ctx: &TcContext) -> (Verdict, i32) {
         Ok(None) => return PASS,
         Err(()) => return MALFORMED,
     };
+    let daddr = ipv4_destination(h);
     // SAFETY: the value is copied out before any map update can reuse the slot.
-    match unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: ipv4_destination(h) }) }.copied() {
+    match unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
         Some(ep) => deliver_local(h, ctx, &ep),
         None => PASS,
     }
