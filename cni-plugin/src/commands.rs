@@ -141,7 +141,7 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
             host_mac: veth.host_mac,
             pod_mac: veth.pod_mac,
         };
-        // The agent attaches its program meanwhile the links are set up.
+        // The agent attaches its program while the links are set up.
         let registered = tokio::task::spawn_blocking({
             let agent = agent.clone();
             move || agent.register(&endpoint)

@@ -219,6 +219,21 @@ impl NetNs {
         links
     }
 
+    /// The id of the bpf program filtering `dev`'s tc ingress, as `tc` shows it.
+    pub fn ingress_filter_program_id(&self, dev: &str) -> Option<u32> {
+        let out = self
+            .cmd("tc")
+            .args(["filter", "show", "dev", dev, "ingress"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
     /// (rx, tx) packet counters of `dev`.
     pub fn link_packets(&self, dev: &str) -> (u64, u64) {
         let out = self.ip(&["-j", "-s", "link", "show", "dev", dev]);

@@ -27,18 +27,11 @@ fn linked_program_id(node: &Node, program: &str) -> u32 {
     FdLink::from(link).info().unwrap().program_id()
 }
 
-/// Program id of the cls_bpf filter on a pod's host veth (`tc` prints it).
+/// Program id of the cls_bpf filter on a pod's host veth.
 fn pod_filter_program_id(node: &Node, host_ifname: &str) -> u32 {
-    let out = run(node
-        .ns
-        .cmd("tc")
-        .args(["filter", "show", "dev", host_ifname, "ingress"]));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.split_whitespace()
-        .skip_while(|w| *w != "id")
-        .nth(1)
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("no bpf filter on {host_ifname}: {text}"))
+    node.ns
+        .ingress_filter_program_id(host_ifname)
+        .unwrap_or_else(|| panic!("no bpf filter on {host_ifname}"))
 }
 
 /// A TCP stream that sends continuously and counts what the receiver got,

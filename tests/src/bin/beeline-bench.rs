@@ -32,7 +32,7 @@ use std::{
 };
 
 use beeline_agent::{datapath::Datapath, masquerade, nodes::parse_node_list, remote};
-use beeline_common::{Endpoint, RemoteNode, map_names};
+use beeline_common::{Endpoint, RemoteNode, map_names, program_names};
 use beeline_tests::{
     BpffsDir, Cluster, NetNs, Node, bin, eventually, eventually_every, tcp_throughput, unique,
 };
@@ -2467,11 +2467,19 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
 
 // ---------------------------------------------------------------- phase 6
 
-/// Program name -> ids of the programs attached through `nodes`' pinned links.
+/// Program name -> ids of the programs attached to `nodes`: through their
+/// pinned links (uplink, VXLAN device) and the pod veths' tc filters.
 fn program_ids(nodes: &[&Node]) -> R<BTreeMap<String, BTreeSet<u32>>> {
     use aya::programs::links::{FdLink, PinnedLink};
     let mut out: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
     for node in nodes {
+        for veth in node.pod_veths() {
+            if let Some(id) = node.ns.ingress_filter_program_id(&veth) {
+                out.entry(program_names::FROM_POD.to_string())
+                    .or_default()
+                    .insert(id);
+            }
+        }
         let dir = node.bpffs.path.join("links");
         for e in std::fs::read_dir(&dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -2677,7 +2685,7 @@ fn phase6_section(json: &serde_json::Map<String, Value>) -> Option<String> {
     }
     let mut md = format!(
         "## 6. CPU cost per packet of each tc program\n\n\
-         run_time_ns / run_cnt of the programs attached through the nodes' pinned links, over \
+         run_time_ns / run_cnt of the programs attached to the nodes (pinned links, pod veth filters), over \
          one throughput run (bulk TCP: one run per GSO/GRO super-packet, up to 64 KB) and one \
          latency run (one run per small packet), with Beeline's own setups of phases 2 and 4. \
          Stats enabled with {how}. `verified insns` = instructions the verifier processed \
