@@ -322,17 +322,28 @@ pub async fn retire(
             handle.link().set(renamed.build()).execute().await
         }
     };
+    // The kernel may be deleting the pair meanwhile (its netns is going
+    // away): a vanished device is retired already.
+    let gone = |e: &rtnetlink::Error| matches!(errno(e), Some(ENODEV | ENOENT));
     if let Some(pod) = pod
         && let Some(pod_link) = link_by_name(pod, ifname).await?
     {
-        rename(pod, pod_link.header.index, None)
-            .await
-            .map_err(|e| netlink_error(format!("cannot retire {ifname} in the pod"), e))?;
+        match rename(pod, pod_link.header.index, None).await {
+            Ok(()) => {}
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => {
+                return Err(netlink_error(
+                    format!("cannot retire {ifname} in the pod"),
+                    e,
+                ));
+            }
+        }
     }
-    rename(host, link.header.index, Some(beeline_proto::RETIRED_ALIAS))
-        .await
-        .map_err(|e| netlink_error(format!("cannot retire {host_ifname}"), e))?;
-    Ok(Some(retired))
+    match rename(host, link.header.index, Some(beeline_proto::RETIRED_ALIAS)).await {
+        Ok(()) => Ok(Some(retired)),
+        Err(e) if gone(&e) => Ok(None),
+        Err(e) => Err(netlink_error(format!("cannot retire {host_ifname}"), e)),
+    }
 }
 
 /// Deletes a link by name; `Ok(false)` if it did not exist.
