@@ -2390,43 +2390,36 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                         ]);
                     }
                 }
+                // A ratio reported for context, with no target.
+                let untargeted =
+                    |what: &str, r: String| vec![what.into(), r, "–".into(), "–".into()];
                 if let (Some(d), Some(k)) = (
                     path_named(&v, "beeline direct"),
                     path_named(&v, "kernel routing"),
                 ) {
-                    rows.push(vec![
-                        "beeline direct / kernel routing throughput".into(),
+                    rows.push(untargeted(
+                        "beeline direct / kernel routing throughput",
                         ratio(d.tput_ratio(k)),
-                        "–".into(),
-                        "–".into(),
-                    ]);
-                    rows.push(vec![
-                        "beeline direct / kernel routing RTT p50".into(),
+                    ));
+                    rows.push(untargeted(
+                        "beeline direct / kernel routing RTT p50",
                         ratio(d.p50_ratio(k)),
-                        "–".into(),
-                        "–".into(),
-                    ]);
+                    ));
                 }
                 if let Some(k) = path_named(&v, "kernel vxlan") {
-                    rows.push(vec![
-                        "kernel vxlan / underlay throughput".into(),
+                    rows.push(untargeted(
+                        "kernel vxlan / underlay throughput",
                         ratio(k.tput_ratio(u)),
-                        "–".into(),
-                        "–".into(),
-                    ]);
+                    ));
                     if let Some(b) = path_named(&v, "beeline vxlan") {
-                        rows.push(vec![
-                            "beeline vxlan / kernel vxlan throughput".into(),
+                        rows.push(untargeted(
+                            "beeline vxlan / kernel vxlan throughput",
                             ratio(b.tput_ratio(k)),
-                            "–".into(),
-                            "–".into(),
-                        ]);
-                        rows.push(vec![
-                            "beeline vxlan / kernel vxlan RTT p50".into(),
+                        ));
+                        rows.push(untargeted(
+                            "beeline vxlan / kernel vxlan RTT p50",
                             ratio(b.p50_ratio(k)),
-                            "–".into(),
-                            "–".into(),
-                        ]);
+                        ));
                     }
                 }
                 md.push('\n');
