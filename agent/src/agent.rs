@@ -417,6 +417,7 @@ impl Agent {
             }
             if alive {
                 self.install(&ep)
+                    .and_then(|()| self.datapath.drop_other_pod_attach(&ep.host_ifname))
                     .with_context(|| format!("restoring endpoint {}", ep.ip))?;
                 report.restored += 1;
             } else {

@@ -169,18 +169,20 @@ impl Datapath {
     }
 
     /// Attaches the from-pod program to a pod's host veth the configured
-    /// way, or swaps this process's program into an existing attachment;
-    /// one left by the other way (the flag changed) is removed.
+    /// way, or swaps this process's program into an existing attachment.
     pub fn attach_pod(&mut self, ifname: &str) -> Result<()> {
         match self.pod_attach {
-            PodAttach::Tc => {
-                self.attach_filter(ifname)?;
-                self.detach(ifname, program_names::FROM_POD)
-            }
-            PodAttach::Tcx => {
-                self.attach(ifname, program_names::FROM_POD)?;
-                detach_from_pod_veth(ifname)
-            }
+            PodAttach::Tc => self.attach_filter(ifname),
+            PodAttach::Tcx => self.attach(ifname, program_names::FROM_POD),
+        }
+    }
+
+    /// Removes an attachment of the other kind, left by an agent that ran
+    /// with the other `--pod-attach` (only restored pods can have one).
+    pub fn drop_other_pod_attach(&self, ifname: &str) -> Result<()> {
+        match self.pod_attach {
+            PodAttach::Tc => self.detach(ifname, program_names::FROM_POD),
+            PodAttach::Tcx => detach_from_pod_veth(ifname),
         }
     }
 

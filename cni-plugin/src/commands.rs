@@ -217,12 +217,11 @@ pub async fn del(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     Addressing::new(env, conf, stdin)?.release()?;
     let host = netns::netlink_here()?;
     // The pod end is renamed too when its netns is still there.
-    let pod = match env.netns.as_deref().map(netns::open) {
-        Some(Ok(ns)) => Some(netns::netlink_in(&ns)?),
-        _ => None,
-    };
+    let pod_netns = env.netns.as_deref().and_then(|p| netns::open(p).ok());
     let host_ifname = link::host_ifname(&env.container_id, &env.ifname);
-    if let Some(retired) = link::retire(&host, pod.as_ref(), &host_ifname, &env.ifname).await? {
+    if let Some(retired) =
+        link::retire(&host, pod_netns.as_ref(), &host_ifname, &env.ifname).await?
+    {
         // The agent deletes it in the background; without an agent, now.
         if let Err(e) = agent.retire_link(&retired) {
             info!("deleting {retired} here ({e})");

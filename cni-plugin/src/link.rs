@@ -1,5 +1,5 @@
 //! The pod's veth pair, addresses, routes and neighbours, all through rtnetlink.
-use std::{fs::File, net::Ipv4Addr, os::fd::AsRawFd};
+use std::{fs::File, hash::Hasher, net::Ipv4Addr, os::fd::AsRawFd};
 
 use beeline_proto::MacAddr;
 use futures::TryStreamExt;
@@ -34,12 +34,16 @@ fn netlink_error(what: impl Into<String>, e: rtnetlink::Error) -> CniError {
 /// The host-side veth name for an attachment: stable, so DEL finds it with no
 /// state, and at most 15 bytes.
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {
-    use std::hash::Hasher;
     let mut h = fnv::FnvHasher::default();
     h.write(container_id.as_bytes());
     h.write(&[0]);
     h.write(ifname.as_bytes());
-    format!("bl{:013x}", h.finish() & ((1 << 52) - 1))
+    hashed_name("bl", h)
+}
+
+/// `prefix` and 13 hex digits of the hash: at most 15 bytes, a valid ifname.
+fn hashed_name(prefix: &str, h: fnv::FnvHasher) -> String {
+    format!("{prefix}{:013x}", h.finish() & ((1 << 52) - 1))
 }
 
 const ALIAS_PREFIX: &str = "beeline";
@@ -275,34 +279,31 @@ async fn set_up(handle: &Handle, index: u32) -> Result<()> {
 
 /// A fresh name for a retired veth: the prefix and 13 hex digits.
 pub fn retired_name() -> String {
-    use std::hash::Hasher;
     let mut h = fnv::FnvHasher::default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     h.write_u128(now.as_nanos());
     h.write_u32(std::process::id());
-    format!(
-        "{}{:013x}",
-        beeline_proto::RETIRED_PREFIX,
-        h.finish() & ((1 << 52) - 1)
-    )
+    hashed_name(beeline_proto::RETIRED_PREFIX, h)
 }
 
 /// Takes a pod's veth out of service at once, leaving its deletion (tens of
 /// milliseconds in the kernel) for later: the host end goes down (its route
 /// and neighbour entries go with it) and is renamed, and so is the pod end
-/// if `pod` is given, so the attachment's names are free again. Returns the
+/// if its netns is given, so the attachment's names are free again. Returns the
 /// host end's new name; `None` if there was no such veth.
 pub async fn retire(
     host: &Handle,
-    pod: Option<&Handle>,
+    pod_netns: Option<&File>,
     host_ifname: &str,
     ifname: &str,
 ) -> Result<Option<String>> {
     let Some(link) = link_by_name(host, host_ifname).await? else {
         return Ok(None);
     };
+    // Only now a socket in the pod's netns (a DEL of nothing needs none).
+    let pod = pod_netns.map(crate::netns::netlink_in).transpose()?;
     let retired = retired_name();
     // A running interface cannot be renamed: down first, then rename.
     let rename = |handle: &Handle, index: u32, alias: Option<&str>| {
@@ -325,7 +326,7 @@ pub async fn retire(
     // The kernel may be deleting the pair meanwhile (its netns is going
     // away): a vanished device is retired already.
     let gone = |e: &rtnetlink::Error| matches!(errno(e), Some(ENODEV | ENOENT));
-    if let Some(pod) = pod
+    if let Some(pod) = &pod
         && let Some(pod_link) = link_by_name(pod, ifname).await?
     {
         match rename(pod, pod_link.header.index, None).await {

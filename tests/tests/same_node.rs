@@ -303,7 +303,7 @@ fn del_retires_the_veth_and_the_agent_deletes_it() {
     let retired = |ns: &NetNs| -> Vec<String> {
         ns.links()
             .into_iter()
-            .filter(|l| l.starts_with("bx"))
+            .filter(|l| l.starts_with(beeline_proto::RETIRED_PREFIX))
             .collect()
     };
 
