@@ -62,13 +62,7 @@ pub fn ensure_host_tools() -> Result<()> {
     }
     let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
     if on_path("apt-get") && is_root() {
-        step(&format!("installing {}", packages.join(" ")));
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        return Ok(());
+        return apt_install(&packages);
     }
     bail!(
         "missing tools {:?}: install the packages {} and retry",
@@ -97,23 +91,26 @@ pub fn ensure_tools(tools: &[(&str, &str, &str)]) {
     if packages.is_empty() {
         return;
     }
-    if on_path("apt-get") && is_root() {
-        step(&format!("installing {}", packages.join(" ")));
-        let installed = run(Command::new("apt-get").args(["update", "-qq"])).and_then(|()| {
-            run(Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&packages)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        });
-        if let Err(e) = installed {
-            eprintln!("warning: {e:#}");
-        }
+    if on_path("apt-get")
+        && is_root()
+        && let Err(e) = apt_install(&packages)
+    {
+        eprintln!("warning: {e:#}");
     }
     for (tool, package, without) in tools {
         if !present(tool) {
             eprintln!("warning: {tool} is missing (Debian package {package}): {without}");
         }
     }
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    step(&format!("installing {}", packages.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 pub fn on_path(program: &str) -> bool {
