@@ -219,6 +219,12 @@ impl NetNs {
         links
     }
 
+    /// The MAC address of `dev`.
+    pub fn mac(&self, dev: &str) -> beeline_proto::MacAddr {
+        let v: Value = serde_json::from_str(&self.ip(&["-j", "link", "show", "dev", dev])).unwrap();
+        v[0]["address"].as_str().unwrap().parse().unwrap()
+    }
+
     /// The id of the bpf program filtering `dev`'s tc ingress, as `tc` shows it.
     pub fn ingress_filter_program_id(&self, dev: &str) -> Option<u32> {
         let out = self
@@ -752,6 +758,46 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A pod netns wired to `node` by hand the way the CNI wires one, with no
+/// Beeline involved: veth `host_if` (up) to `eth0`, `ip/32`, a permanent
+/// neighbour for the link-local gateway and `default via 169.254.1.1
+/// onlink`. Routes towards the pod are the caller's.
+pub fn hand_wired_pod(node: &NetNs, host_if: &str, ip: Ipv4Addr, mtu: Option<u32>) -> NetNs {
+    let pod = NetNs::new("blp");
+    node.ip(&[
+        "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ]);
+    node.ip(&["link", "set", host_if, "up"]);
+    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    if let Some(mtu) = mtu {
+        pod.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()]);
+    }
+    pod.ip(&["link", "set", "eth0", "up"]);
+    let gateway_mac = node.mac(host_if).to_string();
+    pod.ip(&[
+        "neigh",
+        "add",
+        "169.254.1.1",
+        "lladdr",
+        &gateway_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    pod
 }
 
 /// A helper process the test started (a DHCP server, say); killed on drop.

@@ -11,7 +11,6 @@ use beeline_agent::{
     inspect,
 };
 use beeline_common::Endpoint;
-use beeline_proto::MacAddr;
 use beeline_tests::*;
 
 /// A pod-like netns wired to `node` with a veth, set up as the CNI does.
@@ -23,43 +22,10 @@ struct FakePod {
 
 impl FakePod {
     fn new(node: &NetNs, ip: Ipv4Addr) -> FakePod {
-        let ns = NetNs::new("bld");
         let host_if = unique("bld");
-        node.ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-        ]);
-        node.ip(&["link", "set", &host_if, "up"]);
-        ns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        let host_mac = mac(node, &host_if);
-        ns.ip(&[
-            "neigh",
-            "add",
-            "169.254.1.1",
-            "lladdr",
-            &host_mac.to_string(),
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "onlink",
-        ]);
+        let ns = hand_wired_pod(node, &host_if, ip, None);
         FakePod { ns, host_if, ip }
     }
-}
-
-fn mac(ns: &NetNs, dev: &str) -> MacAddr {
-    let v: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
-    v[0]["address"].as_str().unwrap().parse().unwrap()
 }
 
 fn ifindex(ns: &NetNs, dev: &str) -> u32 {
@@ -109,8 +75,8 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
             receiver.ip,
             Endpoint {
                 host_ifindex: ifindex(&node, &receiver.host_if),
-                pod_mac: mac(&receiver.ns, "eth0").0,
-                host_mac: mac(&node, &receiver.host_if).0,
+                pod_mac: receiver.ns.mac("eth0").0,
+                host_mac: node.mac(&receiver.host_if).0,
             },
         )
         .unwrap();

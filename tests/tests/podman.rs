@@ -36,14 +36,7 @@ impl Podman<'_> {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd().args(args).output().expect("podman runs");
-        assert!(
-            out.status.success(),
-            "podman {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        run(self.cmd().args(args))
     }
 
     fn ip_of(&self, container: &str) -> Ipv4Addr {

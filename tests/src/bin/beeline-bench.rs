@@ -34,7 +34,8 @@ use std::{
 use beeline_agent::{datapath::Datapath, masquerade, nodes::parse_node_list, remote};
 use beeline_common::{Endpoint, RemoteNode, map_names, program_names};
 use beeline_tests::{
-    BpffsDir, Cluster, NetNs, Node, bin, eventually, eventually_every, tcp_throughput, unique,
+    BpffsDir, Cluster, NetNs, Node, bin, eventually, eventually_every, hand_wired_pod,
+    tcp_throughput, unique,
 };
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
@@ -255,6 +256,14 @@ struct Output {
 }
 
 impl Output {
+    /// A phase's output, or its error as a report entry.
+    fn absorb_phase(&mut self, phase: &str, result: R<Output>) {
+        match result {
+            Ok(o) => self.absorb(o),
+            Err(e) => self.errors.push(format!("phase {phase}: {e}")),
+        }
+    }
+
     fn absorb(&mut self, other: Output) {
         self.json.extend(other.json);
         self.sections.extend(other.sections);
@@ -1648,6 +1657,23 @@ fn rel_spread(v: &[f64]) -> f64 {
     }
 }
 
+/// Throughput and latency of `paths`, repeated while the machine is noisy
+/// or the ratios to `baseline` vary too much.
+fn measured_traffic(
+    cfg: &Cfg,
+    name: &str,
+    paths: &[Path2],
+    baseline: &str,
+) -> R<(Vec<PathSamples>, (String, Value))> {
+    measured(
+        cfg,
+        name,
+        || traffic_reps(cfg, paths),
+        |v: &Vec<PathSamples>| traffic_noisy(v, baseline),
+        |v| paths_json(v, baseline),
+    )
+}
+
 /// Noisy when a Beeline path's per-round throughput ratio to the baseline
 /// varies by more than 15 %.
 fn traffic_noisy(v: &[PathSamples], baseline: &str) -> Option<String> {
@@ -1838,13 +1864,7 @@ fn same_node_phases(cfg: &Cfg) -> R<Output> {
         let result = (|| -> R<Output> {
             let mut out = Output::default();
             step("phase 2: same-node pod-to-pod throughput and latency");
-            let (v, cond) = measured(
-                cfg,
-                "2 same-node",
-                || traffic_reps(cfg, &paths),
-                |v: &Vec<PathSamples>| traffic_noisy(v, "bare veth"),
-                |v| paths_json(v, "bare veth"),
-            )?;
+            let (v, cond) = measured_traffic(cfg, "2 same-node", &paths, "bare veth")?;
             out.conditions.push(cond);
             out.sections.push((
             2,
@@ -1870,10 +1890,7 @@ fn same_node_phases(cfg: &Cfg) -> R<Output> {
             ));
             Ok(out)
         })();
-        match result {
-            Ok(o) => out.absorb(o),
-            Err(e) => out.errors.push(format!("phase 2: {e}")),
-        }
+        out.absorb_phase("2", result);
     }
     if want(6) {
         match phase6(cfg, "same node", &[&setup.bl_node], &paths[0]) {
@@ -1885,10 +1902,7 @@ fn same_node_phases(cfg: &Cfg) -> R<Output> {
         }
     }
     if want(3) {
-        match phase_rules(cfg, &setup, &paths) {
-            Ok(o) => out.absorb(o),
-            Err(e) => out.errors.push(format!("phase 3: {e}")),
-        }
+        out.absorb_phase("3", phase_rules(cfg, &setup, &paths));
     }
     drop(paths);
     drop(setup);
@@ -2068,13 +2082,7 @@ fn phase_rules(cfg: &Cfg, setup: &SameNode, paths: &[Path2]) -> R<Output> {
         );
     }
     check_paths(paths)?;
-    let (v, cond) = measured(
-        cfg,
-        "3 same-node + iptables",
-        || traffic_reps(cfg, paths),
-        |v: &Vec<PathSamples>| traffic_noisy(v, "bare veth"),
-        |v| paths_json(v, "bare veth"),
-    )?;
+    let (v, cond) = measured_traffic(cfg, "3 same-node + iptables", paths, "bare veth")?;
     let section = same_node_section(
         &v,
         &format!(
@@ -2136,15 +2144,6 @@ fn beeline_cluster(mode: &str) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
     Ok((c, pods))
 }
 
-fn link_mac(ns: &NetNs, dev: &str) -> R<String> {
-    let v: Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", "dev", dev]))
-        .map_err(|e| e.to_string())?;
-    v[0]["address"]
-        .as_str()
-        .map(String::from)
-        .ok_or_else(|| format!("no MAC for {dev}"))
-}
-
 /// Kernel routing: per node a pod behind a veth with a /32 and a host
 /// route, and a route to the other node's podCIDR via its underlay IP
 /// (`vxlan`: via the peer's end of a kernel VXLAN device, flannel style).
@@ -2166,7 +2165,7 @@ fn kernel_routing_cluster(vxlan: bool) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
         }
         for (i, node) in c.nodes.iter().enumerate() {
             for (j, peer) in c.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
-                let mac = link_mac(&peer.ns, "kvx0")?;
+                let mac = peer.ns.mac("kvx0").to_string();
                 let peer_vtep = vtep(j).to_string();
                 node.ns.ip(&[
                     "neigh",
@@ -2193,49 +2192,10 @@ fn kernel_routing_cluster(vxlan: bool) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
     }
     let mut pods = Vec::new();
     for (i, node) in c.nodes.iter().enumerate() {
-        let pod = NetNs::new("blp");
         let ip = Ipv4Addr::new(10, 244, i as u8 + 1, 10);
         let ips = ip.to_string();
-        node.ns.ip(&[
-            "link", "add", "krh0", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-        ]);
-        node.ns.ip(&["link", "set", "krh0", "up"]);
-        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-        if vxlan {
-            pod.ip(&["link", "set", "eth0", "mtu", "1450"]);
-        }
-        pod.ip(&["link", "set", "eth0", "up"]);
-        let host_mac = link_mac(&node.ns, "krh0")?;
-        let pod_mac = link_mac(&pod, "eth0")?;
-        pod.ip(&[
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ]);
-        pod.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ]);
-        pod.ip(&[
-            "neigh",
-            "add",
-            "169.254.1.1",
-            "lladdr",
-            &host_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
+        let pod = hand_wired_pod(&node.ns, "krh0", ip, vxlan.then_some(1450));
+        let pod_mac = pod.mac("eth0").to_string();
         node.ns.ip(&[
             "route",
             "add",
@@ -2355,13 +2315,7 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
         let result = (|| -> R<Output> {
             let mut out = Output::default();
             step("phase 4: cross-node pod-to-pod throughput and latency");
-            let (v, cond) = measured(
-                cfg,
-                "4 cross-node",
-                || traffic_reps(cfg, &paths),
-                |v: &Vec<PathSamples>| traffic_noisy(v, "underlay"),
-                |v| paths_json(v, "underlay"),
-            )?;
+            let (v, cond) = measured_traffic(cfg, "4 cross-node", &paths, "underlay")?;
             out.conditions.push(cond);
             let mut md = format!(
                 "## 4. Cross-node pod-to-pod\n\n\
@@ -2432,10 +2386,7 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
             ));
             Ok(out)
         })();
-        match result {
-            Ok(o) => out.absorb(o),
-            Err(e) => out.errors.push(format!("phase 4: {e}")),
-        }
+        out.absorb_phase("4", result);
     }
     if want(6) {
         let direct: Vec<&Node> = setup.direct.nodes.iter().collect();
