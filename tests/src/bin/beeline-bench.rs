@@ -2247,6 +2247,16 @@ fn kernel_routing_cluster(vxlan: bool) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
     Ok((c, pods))
 }
 
+/// From the first node's pod to the second node's.
+fn pod_to_pod<'a>(name: &'static str, pods: &'a [(NetNs, Ipv4Addr)]) -> Path2<'a> {
+    Path2 {
+        name,
+        server: &pods[1].0,
+        ip: pods[1].1,
+        client: &pods[0].0,
+    }
+}
+
 impl CrossNode {
     fn new() -> R<CrossNode> {
         let (direct, direct_pods) = beeline_cluster("direct")?;
@@ -2273,30 +2283,10 @@ impl CrossNode {
                 ip: Cluster::node_ip(1),
                 client: &self.kr.nodes[0].ns,
             },
-            Path2 {
-                name: "kernel routing",
-                server: &self.kr_pods[1].0,
-                ip: self.kr_pods[1].1,
-                client: &self.kr_pods[0].0,
-            },
-            Path2 {
-                name: "beeline direct",
-                server: &self.direct_pods[1].0,
-                ip: self.direct_pods[1].1,
-                client: &self.direct_pods[0].0,
-            },
-            Path2 {
-                name: "beeline vxlan",
-                server: &self.vxlan_pods[1].0,
-                ip: self.vxlan_pods[1].1,
-                client: &self.vxlan_pods[0].0,
-            },
-            Path2 {
-                name: "kernel vxlan",
-                server: &self.kvx_pods[1].0,
-                ip: self.kvx_pods[1].1,
-                client: &self.kvx_pods[0].0,
-            },
+            pod_to_pod("kernel routing", &self.kr_pods),
+            pod_to_pod("beeline direct", &self.direct_pods),
+            pod_to_pod("beeline vxlan", &self.vxlan_pods),
+            pod_to_pod("kernel vxlan", &self.kvx_pods),
         ]
     }
 }
