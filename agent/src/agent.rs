@@ -30,6 +30,7 @@ pub struct NetworkConfig {
     pub mode: Mode,
     pub vni: u32,
     pub vxlan_port: u16,
+    pub vxlan_encap: beeline_common::VxlanEncap,
     /// `--pod-mtu`, overriding the uplink-derived value.
     pub pod_mtu: Option<u32>,
     /// Destinations never masqueraded, besides every node's podCIDR.
@@ -268,6 +269,8 @@ impl Agent {
             vxlan_ifindex,
             vni: self.network.vni,
             node_addr: node_ip.octets(),
+            vxlan_port: self.network.vxlan_port,
+            vxlan_encap: self.network.vxlan_encap as u16,
         })?;
         self.datapath.attach(&up.ifname, FROM_UPLINK)?;
         // Pod traffic leaving the cluster goes through the host stack.

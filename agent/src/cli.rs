@@ -29,6 +29,26 @@ pub enum PodAttach {
     Tcx,
 }
 
+/// Who builds and strips the VXLAN headers (`--vxlan-encap`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum VxlanEncapArg {
+    /// The tc programs, on the uplink: no VXLAN device in the path (it stays
+    /// for the packets the programs leave to the kernel).
+    #[default]
+    Program,
+    /// The kernel's VXLAN device, for every packet.
+    Device,
+}
+
+impl From<VxlanEncapArg> for beeline_common::VxlanEncap {
+    fn from(arg: VxlanEncapArg) -> Self {
+        match arg {
+            VxlanEncapArg::Program => beeline_common::VxlanEncap::Program,
+            VxlanEncapArg::Device => beeline_common::VxlanEncap::Device,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -79,6 +99,9 @@ pub struct RunArgs {
     /// VXLAN UDP port.
     #[arg(long, default_value_t = 4789)]
     pub vxlan_port: u16,
+    /// Who builds and strips the VXLAN headers.
+    #[arg(long, value_enum, default_value_t = VxlanEncapArg::Program)]
+    pub vxlan_encap: VxlanEncapArg,
     /// Pod interface MTU (default: uplink MTU, minus 50 when VXLAN may be used).
     #[arg(long)]
     pub pod_mtu: Option<u32>,

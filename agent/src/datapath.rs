@@ -56,6 +56,7 @@ impl Datapath {
     pub fn load(bpffs: &Path, debug_logs: bool) -> Result<Datapath> {
         ensure_bpffs(bpffs)?;
         std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
+        unpin_outdated_maps(bpffs)?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, bpffs.join(name)))
@@ -428,6 +429,62 @@ pub async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 
 /// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when the
 /// host has not (as on a fresh VM), and refuses any other filesystem.
+/// (key size, value size) of each map, as this build's programs use them.
+fn map_layouts() -> [(&'static str, usize, usize); 4] {
+    use beeline_common::Counters;
+    use std::mem::size_of;
+    [
+        (
+            map_names::ENDPOINTS,
+            size_of::<EndpointKey>(),
+            size_of::<Endpoint>(),
+        ),
+        (
+            map_names::REMOTE_CIDRS,
+            size_of::<Key<[u8; 4]>>(),
+            size_of::<RemoteNode>(),
+        ),
+        (
+            map_names::NODE_CONFIG,
+            size_of::<u32>(),
+            size_of::<NodeConfig>(),
+        ),
+        (map_names::STATS, size_of::<u32>(), size_of::<Counters>()),
+    ]
+}
+
+/// Removes pins of maps whose layout differs from this build's (left by an
+/// older agent): aya would reuse them and the verifier would reject the
+/// programs. Every map is derived state (endpoints from the agent's state
+/// dir, remote CIDRs from the Nodes, counters start over), refilled at start;
+/// until then the attached old programs keep their old maps.
+fn unpin_outdated_maps(bpffs: &Path) -> Result<()> {
+    for (name, key_size, value_size) in map_layouts() {
+        let pin = bpffs.join(name);
+        let info = match aya::maps::MapInfo::from_pin(&pin) {
+            Ok(info) => info,
+            Err(aya::maps::MapError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading pin {}", pin.display())),
+        };
+        let pinned = (info.key_size() as usize, info.value_size() as usize);
+        if pinned != (key_size, value_size) {
+            info!(
+                map = name,
+                ?pinned,
+                wanted = ?(key_size, value_size),
+                "a pinned map has an older layout: replacing it"
+            );
+            std::fs::remove_file(&pin)
+                .with_context(|| format!("removing the outdated pin {}", pin.display()))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
     if dir.starts_with(DEFAULT_MOUNT) && !is_bpffs(Path::new(DEFAULT_MOUNT)) {

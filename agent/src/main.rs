@@ -97,6 +97,7 @@ async fn run(args: RunArgs) -> Result<()> {
             mode: args.mode,
             vni: args.vni,
             vxlan_port: args.vxlan_port,
+            vxlan_encap: args.vxlan_encap.into(),
             pod_mtu: args.pod_mtu,
             no_masquerade: args.no_masquerade_cidrs.clone(),
             masquerade: !args.no_masquerade,

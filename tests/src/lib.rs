@@ -303,6 +303,80 @@ pub fn tcp_echo(server: &NetNs, server_ip: Ipv4Addr, client: &NetNs) -> Result<S
     })
 }
 
+/// Sends `bytes` of a pseudo-random stream over TCP from `client` to
+/// `server_ip` in `server`, which checks every byte against the same stream
+/// (TCP checksums are not verified between namespaces of one kernel, so a
+/// datapath that corrupts GSO packets would otherwise go unnoticed).
+pub fn tcp_transfer_intact(
+    server: &NetNs,
+    server_ip: Ipv4Addr,
+    client: &NetNs,
+    bytes: u64,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    fn fill(stream: &mut u64, buf: &mut [u8]) {
+        for b in buf {
+            // xorshift64: cheap and never repeats within the transfer.
+            *stream ^= *stream << 13;
+            *stream ^= *stream >> 7;
+            *stream ^= *stream << 17;
+            *b = *stream as u8;
+        }
+    }
+    const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+    let listener = server
+        .enter(|| TcpListener::bind(SocketAddr::from((server_ip, 0))))
+        .map_err(|e| format!("bind {server_ip}: {e}"))?;
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let check = s.spawn(move || -> Result<(), String> {
+            let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| e.to_string())?;
+            let (mut stream, mut offset) = (SEED, 0u64);
+            let mut got = vec![0u8; 1 << 16];
+            let mut want = vec![0u8; 1 << 16];
+            loop {
+                let n = conn
+                    .read(&mut got)
+                    .map_err(|e| format!("at {offset}: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                fill(&mut stream, &mut want[..n]);
+                if let Some(i) = (0..n).find(|&i| got[i] != want[i]) {
+                    return Err(format!("byte {} differs", offset + i as u64));
+                }
+                offset += n as u64;
+            }
+            if offset != bytes {
+                return Err(format!("received {offset} of {bytes} bytes"));
+            }
+            Ok(())
+        });
+        let sent = client.enter(|| -> std::io::Result<()> {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            // A datapath that loses data stalls the stream: fail, not hang.
+            conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+            let (mut stream, mut left) = (SEED, bytes);
+            let mut buf = vec![0u8; 1 << 17];
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                fill(&mut stream, &mut buf[..n]);
+                conn.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            Ok(())
+        });
+        if let Err(e) = sent {
+            let _ = server.enter(|| TcpStream::connect_timeout(&addr, Duration::from_millis(500)));
+            let _ = check.join();
+            return Err(format!("sending to {addr}: {e}"));
+        }
+        check.join().unwrap()
+    })
+}
+
 /// Bulk TCP from `client` to `server_ip` in `server` for `duration`;
 /// returns the goodput in Gbit/s.
 pub fn tcp_throughput(

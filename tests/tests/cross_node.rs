@@ -10,13 +10,23 @@ fn sum(cluster: &Cluster, program: &str, field: &str) -> u64 {
     cluster
         .nodes
         .iter()
-        .map(|n| n.stats()[program][field].as_u64().unwrap())
+        .map(|n| counter(n, program, field))
         .sum()
 }
 
-fn full_matrix(mode: &str, forward_counter: &str, ingress_program: &str, pod_mtu: u32) {
-    let mut cluster = Cluster::new(3);
-    cluster.start(&["--mode", mode]);
+fn counter(node: &Node, program: &str, field: &str) -> u64 {
+    node.stats()[program][field].as_u64().unwrap()
+}
+
+/// Two pods per node; checks the maps and MTUs, then pings and TCP-echoes
+/// between every pair and checks `forward_counter` counted the cross-node
+/// half. The caller checks who delivered, then calls [`remove_all`].
+fn full_matrix(
+    cluster: &Cluster,
+    mode: &str,
+    forward_counter: &str,
+    pod_mtu: u32,
+) -> Vec<(usize, Pod)> {
     let mut pods: Vec<(usize, Pod)> = Vec::new();
     for (i, node) in cluster.nodes.iter().enumerate() {
         for _ in 0..2 {
@@ -45,8 +55,7 @@ fn full_matrix(mode: &str, forward_counter: &str, ingress_program: &str, pod_mtu
         );
     }
 
-    let forwarded_before = sum(&cluster, "from_pod", forward_counter);
-    let delivered_before = sum(&cluster, ingress_program, "redirected_local");
+    let forwarded_before = sum(cluster, "from_pod", forward_counter);
     let mut cross_pairs = 0;
     for (na, a) in &pods {
         for (nb, b) in &pods {
@@ -68,16 +77,14 @@ fn full_matrix(mode: &str, forward_counter: &str, ingress_program: &str, pod_mtu
         }
     }
     assert_eq!(cross_pairs, 24);
-    let forwarded = sum(&cluster, "from_pod", forward_counter) - forwarded_before;
-    let delivered = sum(&cluster, ingress_program, "redirected_local") - delivered_before;
+    let forwarded = sum(cluster, "from_pod", forward_counter) - forwarded_before;
     // 24 cross-node pairs × (2 echo requests + 2 replies) at least.
     assert!(forwarded >= 24 * 4, "{forward_counter}: only {forwarded}");
-    assert!(
-        delivered >= 24 * 4,
-        "{ingress_program} redirected only {delivered}"
-    );
-    assert_eq!(sum(&cluster, "from_pod", "dropped_helper_error"), 0);
+    assert_eq!(sum(cluster, "from_pod", "dropped_helper_error"), 0);
+    pods
+}
 
+fn remove_all(cluster: &Cluster, pods: Vec<(usize, Pod)>) {
     for (i, pod) in &pods {
         pod.del(&cluster.nodes[*i]);
     }
@@ -87,14 +94,150 @@ fn full_matrix(mode: &str, forward_counter: &str, ingress_program: &str, pod_mtu
     }
 }
 
+/// Packets each pod's node receives from the other nodes in `full_matrix`:
+/// 4 remote pods × 2 local pods × (2 echo requests + the TCP echo's 2+).
+const DELIVERED_PER_NODE: u64 = 4 * 2 * 4;
+
 #[test]
 fn six_pods_on_three_nodes_reach_each_other_by_direct_routing() {
-    full_matrix("direct", "forwarded_direct", "from_uplink", 1500);
+    let mut cluster = Cluster::new(3);
+    cluster.start(&["--mode", "direct"]);
+    let pods = full_matrix(&cluster, "direct", "forwarded_direct", 1500);
+    let delivered = sum(&cluster, "from_uplink", "redirected_local");
+    assert!(
+        delivered >= 3 * DELIVERED_PER_NODE,
+        "from_uplink redirected only {delivered}"
+    );
+    remove_all(&cluster, pods);
+}
+
+/// The VXLAN device's (rx, tx) packets on every node.
+fn vxlan_device_packets(cluster: &Cluster) -> Vec<(u64, u64)> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| n.ns.link_packets("beeline-vxlan"))
+        .collect()
 }
 
 #[test]
 fn six_pods_on_three_nodes_reach_each_other_over_vxlan() {
-    full_matrix("vxlan", "forwarded_tunnel", "from_overlay", 1450);
+    let mut cluster = Cluster::new(3);
+    cluster.start(&["--mode", "vxlan"]);
+    let device_before = vxlan_device_packets(&cluster);
+    let pods = full_matrix(&cluster, "vxlan", "forwarded_tunnel", 1450);
+    // The programs encapsulate and decapsulate: the VXLAN device carries
+    // nothing, every packet is delivered from the uplink.
+    assert_eq!(
+        vxlan_device_packets(&cluster),
+        device_before,
+        "(rx, tx) of the VXLAN devices"
+    );
+    assert_eq!(sum(&cluster, "from_overlay", "redirected_local"), 0);
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let delivered = counter(node, "from_uplink", "redirected_local");
+        assert!(
+            delivered >= DELIVERED_PER_NODE,
+            "node {i}: from_uplink redirected only {delivered}"
+        );
+    }
+    remove_all(&cluster, pods);
+}
+
+#[test]
+fn vxlan_built_by_the_programs_and_by_the_kernel_device_interoperate() {
+    let mut cluster = Cluster::new(3);
+    cluster.publish_nodes(&[0, 1, 2]);
+    cluster.nodes[0].start_agent(&["--mode", "vxlan", "--vxlan-encap", "device"]);
+    cluster.nodes[1].start_agent(&["--mode", "vxlan"]);
+    cluster.nodes[2].start_agent(&["--mode", "vxlan"]);
+    let device_before = vxlan_device_packets(&cluster);
+    let pods = full_matrix(&cluster, "vxlan", "forwarded_tunnel", 1450);
+    let device = vxlan_device_packets(&cluster);
+
+    // Node 0 sends and receives through the kernel's VXLAN device ...
+    assert!(
+        device[0].0 - device_before[0].0 >= DELIVERED_PER_NODE,
+        "node 0 device rx"
+    );
+    assert!(
+        device[0].1 - device_before[0].1 >= DELIVERED_PER_NODE,
+        "node 0 device tx"
+    );
+    let delivered = counter(&cluster.nodes[0], "from_overlay", "redirected_local");
+    assert!(
+        delivered >= DELIVERED_PER_NODE,
+        "node 0: from_overlay redirected only {delivered}"
+    );
+    // ... which decapsulates what the others' programs built, and theirs
+    // decapsulate what its device built.
+    for i in 1..3 {
+        assert_eq!(
+            device[i], device_before[i],
+            "node {i}: (rx, tx) of the VXLAN device"
+        );
+        assert_eq!(
+            counter(&cluster.nodes[i], "from_overlay", "redirected_local"),
+            0
+        );
+        let delivered = counter(&cluster.nodes[i], "from_uplink", "redirected_local");
+        assert!(
+            delivered >= DELIVERED_PER_NODE,
+            "node {i}: from_uplink redirected only {delivered}"
+        );
+    }
+    remove_all(&cluster, pods);
+}
+
+/// Bulk TCP keeps every byte through the programs' VXLAN: whole GSO packets
+/// over a veth underlay (encapsulated and decapsulated in one piece), and
+/// with the sender's uplink unable to segment UDP tunnels, so the kernel
+/// cuts them into wire-sized VXLAN packets in software.
+#[test]
+fn bulk_tcp_over_vxlan_arrives_intact_with_and_without_tunnel_offload() {
+    let mut cluster = Cluster::new(2);
+    cluster.start(&["--mode", "vxlan"]);
+    let a = Pod::add(&cluster.nodes[0], "1.1.0");
+    let b = Pod::add(&cluster.nodes[1], "1.1.0");
+    let uplink_tx = |node: &Node| node.ns.link_packets("uplink0").1;
+    const BYTES: u64 = 32 << 20;
+
+    let (tx_before, fwd_before) = (
+        uplink_tx(&cluster.nodes[0]),
+        counter(&cluster.nodes[0], "from_pod", "forwarded_tunnel"),
+    );
+    tcp_transfer_intact(&b.ns, b.ip, &a.ns, BYTES).expect("with offload");
+    let packets = uplink_tx(&cluster.nodes[0]) - tx_before;
+    let forwarded = counter(&cluster.nodes[0], "from_pod", "forwarded_tunnel") - fwd_before;
+    // GSO packets of up to 64 KiB leave whole: far fewer than 1450-byte ones.
+    assert!(
+        packets < BYTES / 1400 / 4,
+        "{packets} uplink packets for {BYTES} bytes"
+    );
+    assert!(
+        forwarded > 0 && forwarded <= packets,
+        "forwarded {forwarded}, sent {packets}"
+    );
+
+    run(cluster.nodes[0].ns.cmd("ethtool").args([
+        "-K",
+        "uplink0",
+        "tx-udp_tnl-segmentation",
+        "off",
+        "tx-udp_tnl-csum-segmentation",
+        "off",
+    ]));
+    let tx_before = uplink_tx(&cluster.nodes[0]);
+    tcp_transfer_intact(&b.ns, b.ip, &a.ns, BYTES).expect("segmented in software");
+    let packets = uplink_tx(&cluster.nodes[0]) - tx_before;
+    assert!(
+        packets > BYTES / 1450,
+        "{packets} uplink packets: not segmented"
+    );
+    tcp_transfer_intact(&a.ns, a.ip, &b.ns, BYTES).expect("the other way");
+    assert_eq!(sum(&cluster, "from_overlay", "redirected_local"), 0);
+    a.del(&cluster.nodes[0]);
+    b.del(&cluster.nodes[1]);
 }
 
 #[test]

@@ -396,7 +396,14 @@ fn bpftool_prints_the_field_names_of_every_pinned_map() {
         ),
         (
             "BEELINE_NODE_CONFIG",
-            &["uplink_ifindex", "vxlan_ifindex", "vni", "node_addr"][..],
+            &[
+                "uplink_ifindex",
+                "vxlan_ifindex",
+                "vni",
+                "node_addr",
+                "vxlan_port",
+                "vxlan_encap",
+            ][..],
         ),
         (
             "BEELINE_STATS",
@@ -416,6 +423,52 @@ fn bpftool_prints_the_field_names_of_every_pinned_map() {
             );
         }
     }
+    pod.del(&node);
+}
+
+/// An older agent's node config map (16-byte values, before the VXLAN port
+/// and encapsulation fields) is still pinned: aya would reuse it and the
+/// verifier would reject the programs. The agent replaces it.
+#[test]
+fn a_pinned_map_with_an_older_layout_is_replaced_at_start() {
+    require_root();
+    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(192, 168, 91, 1));
+    std::fs::create_dir_all(&node.bpffs.path).unwrap();
+    let pin = node.bpffs.path.join("BEELINE_NODE_CONFIG");
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "16",
+            "entries",
+            "1",
+            "name",
+            "BEELINE_NODE_C",
+        ]));
+    node.start_agent(&["--mode", "vxlan"]);
+    let show = run(Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&pin));
+    let map: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(map["bytes_value"], 20, "{map}");
+    let dump = || {
+        let out = run(Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&pin));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || dump()
+            .contains("\"vxlan_port\": 4789")),
+        "node config not written: {}",
+        dump()
+    );
+    let pod = Pod::add(&node, "1.1.0");
     pod.del(&node);
 }
 

@@ -221,6 +221,11 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "delegation, chaining and reference tests fail",
     ),
     ("dnsmasq", "dnsmasq-base", "the dhcp IPAM test fails"),
+    (
+        "ethtool",
+        "ethtool",
+        "the VXLAN test without tunnel offload fails",
+    ),
     ("podman", "podman", "the podman test fails"),
     ("runc", "runc", "the podman test fails"),
     ("/bin/busybox", "busybox-static", "the podman test fails"),

@@ -50,8 +50,19 @@ pub struct Endpoint {
 pub enum Tunnel {
     /// `bpf_redirect_neigh` to the node's underlay address out of the uplink.
     Direct = 0,
-    /// VXLAN encapsulation through the node's collect_md VXLAN device.
+    /// VXLAN encapsulation (see [`VxlanEncap`] for who builds the headers).
     Vxlan = 1,
+}
+
+/// Who encapsulates and decapsulates VXLAN (`NodeConfig::vxlan_encap`).
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VxlanEncap {
+    /// The node's collect_md VXLAN device (`bpf_skb_set_tunnel_key`).
+    Device = 0,
+    /// The programs themselves (`bpf_skb_adjust_room`), straight to and from
+    /// the uplink; the device stays as the fallback for what they decline.
+    Program = 1,
 }
 
 /// Value of `BEELINE_REMOTE_CIDRS` (an LPM trie keyed by a remote podCIDR).
@@ -74,6 +85,10 @@ pub struct NodeConfig {
     pub vni: u32,
     /// This node's underlay address, network byte order.
     pub node_addr: [u8; 4],
+    /// VXLAN UDP destination port, host byte order.
+    pub vxlan_port: u16,
+    /// A [`VxlanEncap`] value.
+    pub vxlan_encap: u16,
 }
 
 /// Index into `BEELINE_STATS`: one slot per program.
@@ -95,7 +110,7 @@ pub struct Counters {
     pub redirected_local: u64,
     /// Sent to a remote node over the underlay with `bpf_redirect_neigh`.
     pub forwarded_direct: u64,
-    /// Sent to a remote node through the VXLAN device.
+    /// Sent to a remote node VXLAN-encapsulated.
     pub forwarded_tunnel: u64,
     /// Not ours (unknown destination, non-IPv4, TTL expiring): left to the host stack.
     pub passed_to_host: u64,
@@ -129,7 +144,7 @@ mod tests {
         assert_eq!(size_of::<EndpointKey>(), 4);
         assert_eq!(size_of::<Endpoint>(), 16);
         assert_eq!(size_of::<RemoteNode>(), 8);
-        assert_eq!(size_of::<NodeConfig>(), 16);
+        assert_eq!(size_of::<NodeConfig>(), 20);
         assert_eq!(size_of::<Counters>(), 6 * 8);
     }
 }

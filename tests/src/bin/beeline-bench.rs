@@ -2124,17 +2124,21 @@ fn phase_rules(cfg: &Cfg, setup: &SameNode, paths: &[Path2]) -> R<Output> {
 struct CrossNode {
     direct_pods: Vec<(NetNs, Ipv4Addr)>,
     vxlan_pods: Vec<(NetNs, Ipv4Addr)>,
+    vxlan_device_pods: Vec<(NetNs, Ipv4Addr)>,
     kr_pods: Vec<(NetNs, Ipv4Addr)>,
     kvx_pods: Vec<(NetNs, Ipv4Addr)>,
     direct: Cluster,
     vxlan: Cluster,
+    _vxlan_device: Cluster,
     kr: Cluster,
     _kvx: Cluster,
 }
 
-fn beeline_cluster(mode: &str) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
+fn beeline_cluster(mode: &str, extra_args: &[&str]) -> R<(Cluster, Vec<(NetNs, Ipv4Addr)>)> {
     let mut c = Cluster::new(2);
-    c.start(&["--mode", mode]);
+    let mut args = vec!["--mode", mode];
+    args.extend_from_slice(extra_args);
+    c.start(&args);
     let mut pods = Vec::new();
     for (i, node) in c.nodes.iter().enumerate() {
         let ns = NetNs::new("blp");
@@ -2259,17 +2263,21 @@ fn pod_to_pod<'a>(name: &'static str, pods: &'a [(NetNs, Ipv4Addr)]) -> Path2<'a
 
 impl CrossNode {
     fn new() -> R<CrossNode> {
-        let (direct, direct_pods) = beeline_cluster("direct")?;
-        let (vxlan, vxlan_pods) = beeline_cluster("vxlan")?;
+        let (direct, direct_pods) = beeline_cluster("direct", &[])?;
+        let (vxlan, vxlan_pods) = beeline_cluster("vxlan", &[])?;
+        let (vxlan_device, vxlan_device_pods) =
+            beeline_cluster("vxlan", &["--vxlan-encap", "device"])?;
         let (kr, kr_pods) = kernel_routing_cluster(false)?;
         let (kvx, kvx_pods) = kernel_routing_cluster(true)?;
         Ok(CrossNode {
             direct_pods,
             vxlan_pods,
+            vxlan_device_pods,
             kr_pods,
             kvx_pods,
             direct,
             vxlan,
+            _vxlan_device: vxlan_device,
             kr,
             _kvx: kvx,
         })
@@ -2287,6 +2295,7 @@ impl CrossNode {
             pod_to_pod("beeline direct", &self.direct_pods),
             pod_to_pod("beeline vxlan", &self.vxlan_pods),
             pod_to_pod("kernel vxlan", &self.kvx_pods),
+            pod_to_pod("beeline vxlan, device encap", &self.vxlan_device_pods),
         ]
     }
 }
@@ -2294,8 +2303,8 @@ impl CrossNode {
 fn cross_node_phases(cfg: &Cfg) -> R<Output> {
     let want = |p: u8| cfg.phases.contains(&p);
     step(
-        "phases 4/6: 2-node clusters (beeline direct, beeline vxlan, kernel routing + underlay, \
-         kernel vxlan)",
+        "phases 4/6: 2-node clusters (beeline direct, beeline vxlan (program and device encap), \
+         kernel routing + underlay, kernel vxlan)",
     );
     let setup = CrossNode::new()?;
     let paths = setup.paths();
@@ -2314,7 +2323,10 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
              and a host route, `ip route add <remote podCIDR> via <peer node IP>`, no BPF. \
              Kernel VXLAN: the same pods, routed through a kernel VXLAN device with static \
              neighbour and FDB entries (flannel's vxlan backend), pod MTU 1450, no BPF. \
-             Beeline `--mode direct` (pod MTU 1500) and `--mode vxlan` (pod MTU 1450). {}\n\n",
+             Beeline `--mode direct` (pod MTU 1500) and `--mode vxlan` (pod MTU 1450; the \
+             programs build and strip the VXLAN headers on the uplink), and for comparison \
+             `--mode vxlan --vxlan-encap device` (through the kernel's collect_md VXLAN device, \
+             as before). {}\n\n",
                 traffic_method(cfg)
             );
             md.push_str(&traffic_table(&v, "underlay"));
@@ -2365,6 +2377,19 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                             ratio(b.p50_ratio(k)),
                         ));
                     }
+                }
+                if let (Some(b), Some(d)) = (
+                    path_named(&v, "beeline vxlan"),
+                    path_named(&v, "beeline vxlan, device encap"),
+                ) {
+                    rows.push(untargeted(
+                        "beeline vxlan: program / device encap throughput",
+                        ratio(b.tput_ratio(d)),
+                    ));
+                    rows.push(untargeted(
+                        "beeline vxlan: program / device encap RTT p50",
+                        ratio(b.p50_ratio(d)),
+                    ));
                 }
                 md.push('\n');
                 md.push_str(&table(&["ratio", "measured", "target", "met"], rows));
