@@ -189,6 +189,36 @@ fn vxlan_built_by_the_programs_and_by_the_kernel_device_interoperate() {
     remove_all(&cluster, pods);
 }
 
+/// A packet whose outer header carries a congestion mark (CE, copied from the
+/// inner header at encapsulation) needs the mark merged into the inner
+/// header: the uplink program leaves it to the kernel's VXLAN device, which
+/// decapsulates it, and `from_overlay` delivers it.
+#[test]
+fn vxlan_packets_the_programs_decline_take_the_kernel_device() {
+    let mut cluster = Cluster::new(2);
+    cluster.start(&["--mode", "vxlan"]);
+    let a = Pod::add(&cluster.nodes[0], "1.1.0");
+    let b = Pod::add(&cluster.nodes[1], "1.1.0");
+    let node_b = &cluster.nodes[1];
+    let overlay_before = counter(node_b, "from_overlay", "redirected_local");
+    let (device_rx_before, _) = node_b.ns.link_packets("beeline-vxlan");
+    // TOS 0x03: ECN field CE. `run` fails the test if a ping is lost.
+    run(a
+        .ns
+        .cmd("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "2", "-Q", "3"])
+        .arg(b.ip.to_string()));
+    let decapsulated_by_device = node_b.ns.link_packets("beeline-vxlan").0 - device_rx_before;
+    let delivered = counter(node_b, "from_overlay", "redirected_local") - overlay_before;
+    assert!(
+        decapsulated_by_device >= 3,
+        "device rx grew by {decapsulated_by_device}"
+    );
+    assert!(delivered >= 3, "from_overlay redirected {delivered}");
+    a.del(&cluster.nodes[0]);
+    b.del(&cluster.nodes[1]);
+}
+
 /// Bulk TCP keeps every byte through the programs' VXLAN: whole GSO packets
 /// over a veth underlay (encapsulated and decapsulated in one piece), and
 /// with the sender's uplink unable to segment UDP tunnels, so the kernel
