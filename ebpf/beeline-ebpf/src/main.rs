@@ -82,7 +82,7 @@ pub fn beeline_from_uplink(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn beeline_from_overlay(ctx: TcContext) -> i32 {
-    finish(StatsSlot::FromOverlay, from_node(&ctx))
+    finish(StatsSlot::FromOverlay, from_overlay(&ctx))
 }
 
 /// Counts the verdict and turns it into a tc action.
@@ -428,11 +428,9 @@ fn from_pod(ctx: &TcContext) -> (Verdict, i32) {
 
 #[inline(always)]
 fn from_uplink(ctx: &TcContext) -> (Verdict, i32) {
-    let h = match headers(ctx) {
-        // SAFETY: `headers` bounds-checked the bytes; nothing else holds them.
-        Ok(Some(h)) => unsafe { &*h },
-        Ok(None) => return PASS,
-        Err(()) => return MALFORMED,
+    let h = match node_packet_headers(ctx) {
+        Ok(h) => h,
+        Err(verdict) => return verdict,
     };
     if h[IPV4_PROTO_OFF] == IPPROTO_UDP
         && let Some(config) = BEELINE_NODE_CONFIG.get(0)
@@ -441,7 +439,7 @@ fn from_uplink(ctx: &TcContext) -> (Verdict, i32) {
     {
         return decapsulate(ctx, config);
     }
-    from_node(ctx)
+    to_local_pod(h, ctx)
 }
 
 /// A VXLAN packet from another node for a local pod: strips the outer
@@ -503,13 +501,28 @@ fn decapsulate(ctx: &TcContext, config: &NodeConfig) -> (Verdict, i32) {
 }
 
 #[inline(always)]
-fn from_node(ctx: &TcContext) -> (Verdict, i32) {
-    let h = match headers(ctx) {
+fn from_overlay(ctx: &TcContext) -> (Verdict, i32) {
+    match node_packet_headers(ctx) {
+        Ok(h) => to_local_pod(h, ctx),
+        Err(verdict) => verdict,
+    }
+}
+
+/// The headers of a packet from another node; `Err` is the verdict for a
+/// frame that has none to route by.
+#[inline(always)]
+fn node_packet_headers(ctx: &TcContext) -> Result<&mut [u8; HEADERS_LEN], (Verdict, i32)> {
+    match headers(ctx) {
         // SAFETY: `headers` bounds-checked the bytes; nothing else holds them.
-        Ok(Some(h)) => unsafe { &mut *h },
-        Ok(None) => return PASS,
-        Err(()) => return MALFORMED,
-    };
+        Ok(Some(h)) => Ok(unsafe { &mut *h }),
+        Ok(None) => Err(PASS),
+        Err(()) => Err(MALFORMED),
+    }
+}
+
+/// Delivers a packet from another node to its pod, if the pod is here.
+#[inline(always)]
+fn to_local_pod(h: &mut [u8; HEADERS_LEN], ctx: &TcContext) -> (Verdict, i32) {
     let daddr = ipv4_destination(h);
     // SAFETY: the value is copied out before any map update can reuse the slot.
     match unsafe { BEELINE_ENDPOINTS.get(EndpointKey { addr: daddr }) }.copied() {
