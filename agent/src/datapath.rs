@@ -427,8 +427,6 @@ pub async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-/// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when the
-/// host has not (as on a fresh VM), and refuses any other filesystem.
 /// (key size, value size) of each map, as this build's programs use them.
 fn map_layouts() -> [(&'static str, usize, usize); 4] {
     use beeline_common::Counters;
@@ -485,6 +483,8 @@ fn unpin_outdated_maps(bpffs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when the
+/// host has not (as on a fresh VM), and refuses any other filesystem.
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
     if dir.starts_with(DEFAULT_MOUNT) && !is_bpffs(Path::new(DEFAULT_MOUNT)) {
