@@ -120,6 +120,29 @@ fn vxlan_device_packets(cluster: &Cluster) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Node `i` encapsulated and decapsulated in its programs: its VXLAN device
+/// (rx, tx) did not move, `from_overlay` delivered nothing, `from_uplink`
+/// delivered what `full_matrix` sent to the node's pods.
+fn assert_programs_carried_vxlan(
+    cluster: &Cluster,
+    i: usize,
+    before: (u64, u64),
+    after: (u64, u64),
+) {
+    let node = &cluster.nodes[i];
+    assert_eq!(after, before, "node {i}: (rx, tx) of the VXLAN device");
+    assert_eq!(
+        counter(node, "from_overlay", "redirected_local"),
+        0,
+        "node {i}"
+    );
+    let delivered = counter(node, "from_uplink", "redirected_local");
+    assert!(
+        delivered >= DELIVERED_PER_NODE,
+        "node {i}: from_uplink redirected only {delivered}"
+    );
+}
+
 #[test]
 fn six_pods_on_three_nodes_reach_each_other_over_vxlan() {
     let mut cluster = Cluster::new(3);
@@ -128,18 +151,9 @@ fn six_pods_on_three_nodes_reach_each_other_over_vxlan() {
     let pods = full_matrix(&cluster, "vxlan", "forwarded_tunnel", 1450);
     // The programs encapsulate and decapsulate: the VXLAN device carries
     // nothing, every packet is delivered from the uplink.
-    assert_eq!(
-        vxlan_device_packets(&cluster),
-        device_before,
-        "(rx, tx) of the VXLAN devices"
-    );
-    assert_eq!(sum(&cluster, "from_overlay", "redirected_local"), 0);
-    for (i, node) in cluster.nodes.iter().enumerate() {
-        let delivered = counter(node, "from_uplink", "redirected_local");
-        assert!(
-            delivered >= DELIVERED_PER_NODE,
-            "node {i}: from_uplink redirected only {delivered}"
-        );
+    let device = vxlan_device_packets(&cluster);
+    for i in 0..3 {
+        assert_programs_carried_vxlan(&cluster, i, device_before[i], device[i]);
     }
     remove_all(&cluster, pods);
 }
@@ -172,19 +186,7 @@ fn vxlan_built_by_the_programs_and_by_the_kernel_device_interoperate() {
     // ... which decapsulates what the others' programs built, and theirs
     // decapsulate what its device built.
     for i in 1..3 {
-        assert_eq!(
-            device[i], device_before[i],
-            "node {i}: (rx, tx) of the VXLAN device"
-        );
-        assert_eq!(
-            counter(&cluster.nodes[i], "from_overlay", "redirected_local"),
-            0
-        );
-        let delivered = counter(&cluster.nodes[i], "from_uplink", "redirected_local");
-        assert!(
-            delivered >= DELIVERED_PER_NODE,
-            "node {i}: from_uplink redirected only {delivered}"
-        );
+        assert_programs_carried_vxlan(&cluster, i, device_before[i], device[i]);
     }
     remove_all(&cluster, pods);
 }

@@ -2346,51 +2346,38 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                         ]);
                     }
                 }
-                // A ratio reported for context, with no target.
+                // Ratios reported for context, with no target.
                 let untargeted =
-                    |what: &str, r: String| vec![what.into(), r, "–".into(), "–".into()];
-                if let (Some(d), Some(k)) = (
-                    path_named(&v, "beeline direct"),
-                    path_named(&v, "kernel routing"),
-                ) {
-                    rows.push(untargeted(
-                        "beeline direct / kernel routing throughput",
-                        ratio(d.tput_ratio(k)),
-                    ));
-                    rows.push(untargeted(
-                        "beeline direct / kernel routing RTT p50",
-                        ratio(d.p50_ratio(k)),
-                    ));
-                }
+                    |what: String, r: f64| vec![what, ratio(r), "–".into(), "–".into()];
+                let compare =
+                    |label: &str, a: &str, b: &str| match (path_named(&v, a), path_named(&v, b)) {
+                        (Some(a), Some(b)) => vec![
+                            untargeted(format!("{label} throughput"), a.tput_ratio(b)),
+                            untargeted(format!("{label} RTT p50"), a.p50_ratio(b)),
+                        ],
+                        _ => Vec::new(),
+                    };
+                rows.extend(compare(
+                    "beeline direct / kernel routing",
+                    "beeline direct",
+                    "kernel routing",
+                ));
                 if let Some(k) = path_named(&v, "kernel vxlan") {
                     rows.push(untargeted(
-                        "kernel vxlan / underlay throughput",
-                        ratio(k.tput_ratio(u)),
-                    ));
-                    if let Some(b) = path_named(&v, "beeline vxlan") {
-                        rows.push(untargeted(
-                            "beeline vxlan / kernel vxlan throughput",
-                            ratio(b.tput_ratio(k)),
-                        ));
-                        rows.push(untargeted(
-                            "beeline vxlan / kernel vxlan RTT p50",
-                            ratio(b.p50_ratio(k)),
-                        ));
-                    }
-                }
-                if let (Some(b), Some(d)) = (
-                    path_named(&v, "beeline vxlan"),
-                    path_named(&v, "beeline vxlan, device encap"),
-                ) {
-                    rows.push(untargeted(
-                        "beeline vxlan: program / device encap throughput",
-                        ratio(b.tput_ratio(d)),
-                    ));
-                    rows.push(untargeted(
-                        "beeline vxlan: program / device encap RTT p50",
-                        ratio(b.p50_ratio(d)),
+                        "kernel vxlan / underlay throughput".into(),
+                        k.tput_ratio(u),
                     ));
                 }
+                rows.extend(compare(
+                    "beeline vxlan / kernel vxlan",
+                    "beeline vxlan",
+                    "kernel vxlan",
+                ));
+                rows.extend(compare(
+                    "beeline vxlan: program / device encap",
+                    "beeline vxlan",
+                    "beeline vxlan, device encap",
+                ));
                 md.push('\n');
                 md.push_str(&table(&["ratio", "measured", "target", "met"], rows));
             }
