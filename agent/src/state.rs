@@ -1,8 +1,8 @@
 //! The agent's persisted endpoints (`<state-dir>/endpoints.json`), written
-//! atomically (temp file, rename) before a request is answered, so an agent
-//! crash never loses or half-writes an endpoint. Not fsynced: after a power
-//! loss the pods are gone too, and the agent drops endpoints whose veth is
-//! gone when it starts.
+//! atomically (temp file, exchanged into place) before a request is
+//! answered, so an agent crash never loses or half-writes an endpoint. Not
+//! fsynced: after a power loss the pods are gone too, and the agent drops
+//! endpoints whose veth is gone when it starts.
 use std::{
     collections::BTreeMap,
     fs::{self, File},
@@ -13,6 +13,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use beeline_proto::Endpoint;
+use nix::{
+    errno::Errno,
+    fcntl::{AT_FDCWD, RenameFlags, renameat2},
+};
 use serde::{Deserialize, Serialize};
 use tracing::error;
 
@@ -123,7 +127,20 @@ impl EndpointStore {
         let tmp = self.path.with_extension("json.tmp");
         let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(&bytes)?;
-        fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
+        replace(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))
+    }
+}
+
+/// Puts `tmp` in place of `path` atomically, then drops the old content (now
+/// at `tmp`). An exchange rather than a rename over `path`: ext4
+/// (`auto_da_alloc`) starts writeback of a file renamed over another, which
+/// every ADD and DEL would wait for (0.3 ms, several ms at the tail).
+fn replace(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    match renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => fs::remove_file(tmp),
+        // No file to exchange with yet, or a filesystem that cannot.
+        Err(Errno::ENOENT | Errno::EINVAL) => fs::rename(tmp, path),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -152,6 +169,12 @@ mod tests {
         store.insert(ep("a", [10, 0, 0, 2])).unwrap();
         store.insert(ep("b", [10, 0, 0, 3])).unwrap();
         store.remove(&("a".into(), "eth0".into())).unwrap();
+        // Exchanged into place: the previous content is not left behind.
+        let files: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files, [FILE]);
         let reloaded = EndpointStore::load(dir.path()).unwrap();
         assert_eq!(reloaded.len(), 1);
         assert_eq!(
