@@ -428,7 +428,7 @@ pub async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 }
 
 /// (key size, value size) of each map, as this build's programs use them.
-fn map_layouts() -> [(&'static str, usize, usize); 4] {
+fn map_layouts() -> [(&'static str, usize, usize); map_names::ALL.len()] {
     use beeline_common::Counters;
     use std::mem::size_of;
     [
@@ -513,4 +513,15 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pinned_map_has_a_layout_to_check() {
+        let names = map_layouts().map(|(name, _, _)| name);
+        assert_eq!(names, map_names::ALL);
+    }
 }

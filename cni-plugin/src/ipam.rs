@@ -238,11 +238,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn allocates_distinct_addresses_and_reuses_for_the_same_owner() {
+    /// An empty store in a fresh directory, and a range of 6 hosts.
+    fn small_store() -> (tempfile::TempDir, IpStore, Ipv4Net) {
         let dir = tempfile::tempdir().unwrap();
         let store = IpStore::open(dir.path()).unwrap();
-        let range: Ipv4Net = "10.1.0.0/29".parse().unwrap();
+        (dir, store, "10.1.0.0/29".parse().unwrap())
+    }
+
+    #[test]
+    fn allocates_distinct_addresses_and_reuses_for_the_same_owner() {
+        let (_dir, store, range) = small_store();
         let a = store.allocate(range, &owner("a")).unwrap();
         let b = store.allocate(range, &owner("b")).unwrap();
         assert_ne!(a, b);
@@ -255,9 +260,7 @@ mod tests {
 
     #[test]
     fn exhaustion_is_an_error_never_a_duplicate() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = IpStore::open(dir.path()).unwrap();
-        let range: Ipv4Net = "10.1.0.0/29".parse().unwrap(); // 6 hosts
+        let (_dir, store, range) = small_store();
         let mut seen = HashSet::new();
         for i in 0..6 {
             assert!(seen.insert(store.allocate(range, &owner(&format!("c{i}"))).unwrap()));
@@ -271,11 +274,9 @@ mod tests {
 
     #[test]
     fn leftovers_of_a_killed_writer_do_not_break_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = IpStore::open(dir.path()).unwrap();
+        let (dir, store, range) = small_store();
         fs::write(dir.path().join("tmp-999999"), "half a rec").unwrap();
         fs::write(dir.path().join("10.1.0.1"), "").unwrap(); // truncated record
-        let range: Ipv4Net = "10.1.0.0/29".parse().unwrap();
         let ip = store.allocate(range, &owner("a")).unwrap();
         assert_ne!(
             ip,
@@ -310,9 +311,7 @@ mod tests {
     #[test]
     fn the_round_robin_hint_is_rewritten_in_place_and_survives_garbling() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let store = IpStore::open(dir.path()).unwrap();
-        let range: Ipv4Net = "10.1.0.0/29".parse().unwrap();
+        let (dir, store, range) = small_store();
         let a = store.allocate(range, &owner("a")).unwrap();
         let hint = dir.path().join(LAST_RESERVED_FILE);
         let inode = fs::metadata(&hint).unwrap().ino();
