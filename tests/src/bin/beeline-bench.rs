@@ -4,7 +4,8 @@
 //!
 //! Phases (each interleaves its contenders A/B/A/B... over the repetitions):
 //! 1. pod setup cost: CNI ADD / DEL wall time, one at a time and 8 at once;
-//! 2. same-node pod-to-pod throughput and TCP request/response latency;
+//! 2. same-node pod-to-pod throughput and TCP request/response latency,
+//!    with a 4-instruction `bpf_redirect_peer` program as the floor of the design;
 //! 3. the same with 10,000 iptables rules per chain and br_netfilter on;
 //! 4. cross-node: Beeline direct / VXLAN vs the underlay and kernel routing;
 //! 5. agent scale: a 5,000-node NodeList, 60,000 endpoints, agent RSS;
@@ -1329,11 +1330,17 @@ impl PathSamples {
     }
     /// Median of the per-round throughput ratios to `base`.
     fn tput_ratio(&self, base: &PathSamples) -> f64 {
-        median(&paired(&self.gbps, &base.gbps))
+        median(&self.tput_ratios(base))
     }
     /// Median of the per-round RTT p50 ratios to `base`.
     fn p50_ratio(&self, base: &PathSamples) -> f64 {
-        median(&paired(&self.p50s(), &base.p50s()))
+        median(&self.p50_ratios(base))
+    }
+    fn tput_ratios(&self, base: &PathSamples) -> Vec<f64> {
+        paired(&self.gbps, &base.gbps)
+    }
+    fn p50_ratios(&self, base: &PathSamples) -> Vec<f64> {
+        paired(&self.p50s(), &base.p50s())
     }
     fn json(&self, base: Option<&PathSamples>) -> Value {
         json!({
@@ -1727,6 +1734,43 @@ fn traffic_table(v: &[PathSamples], baseline: &str) -> String {
     )
 }
 
+/// Which way a ratio has to go to meet its target.
+#[derive(Clone, Copy)]
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+const RATIO_HEADERS: [&str; 5] = [
+    "ratio",
+    "measured",
+    "middle half of rounds",
+    "target",
+    "met",
+];
+
+/// A row of a ratio table: the median of the per-round ratios, the middle
+/// half of them (how much one round can be trusted: a target inside that band
+/// is within this machine's noise), the target and whether the median meets it.
+fn ratio_row(what: impl Into<String>, per_round: &[f64], target: Option<Target>) -> Vec<String> {
+    let m = median(per_round);
+    let (target, met) = match target {
+        Some(Target::AtLeast(t)) => (format!("≥ {t:.2}x"), yes_no(m >= t)),
+        Some(Target::AtMost(t)) => (format!("≤ {t:.2}x"), yes_no(m <= t)),
+        None => ("–".into(), "–".into()),
+    };
+    let band = if per_round.len() >= 4 {
+        format!(
+            "{}–{}",
+            ratio(pct(per_round, 25.0)),
+            ratio(pct(per_round, 75.0))
+        )
+    } else {
+        "–".into()
+    };
+    vec![what.into(), ratio(m), band, target, met]
+}
+
 fn path_named<'a>(v: &'a [PathSamples], name: &str) -> Option<&'a PathSamples> {
     v.iter().find(|p| p.name == name)
 }
@@ -1766,6 +1810,7 @@ struct SameNode {
     bl_pods: Vec<(NetNs, Ipv4Addr)>,
     br_pods: Vec<(NetNs, Ipv4Addr)>,
     veth: (NetNs, NetNs),
+    floor: RedirectPeerFloor,
     bl_node: Node,
     br_host: NetNs,
     _br_dir: tempfile::TempDir,
@@ -1808,19 +1853,24 @@ impl SameNode {
             bl_pods,
             br_pods,
             veth: (a, b),
+            floor: RedirectPeerFloor::new()?,
             bl_node,
             br_host,
             _br_dir: br_dir,
         })
     }
 
-    fn paths(&self) -> Vec<Path2<'_>> {
+    /// Beeline, [the floor,] the bridge plugin, bare veth.
+    fn paths(&self, with_floor: bool) -> Vec<Path2<'_>> {
         let mut v = vec![Path2 {
             name: "beeline",
             server: &self.bl_pods[1].0,
             ip: self.bl_pods[1].1,
             client: &self.bl_pods[0].0,
         }];
+        if with_floor {
+            v.push(self.floor.path());
+        }
         if self.br_pods.len() == 2 {
             v.push(Path2 {
                 name: "bridge",
@@ -1837,6 +1887,141 @@ impl SameNode {
         });
         v
     }
+}
+
+/// The least any `bpf_redirect_peer` datapath can do, as a contender: two
+/// hand-wired pods on a node whose host veths each carry a cls_bpf filter
+/// (like Beeline's default `--pod-attach tc`) running only `return
+/// bpf_redirect_peer(<the other host veth>, 0)`. No lookup, no header
+/// rewrite, no counters: beeline / floor is what Beeline's own program costs,
+/// floor / bare veth what the mechanism (tc hook + peer redirect) costs.
+struct RedirectPeerFloor {
+    // Pods first, then their node (field order is drop order).
+    pods: Vec<(NetNs, Ipv4Addr)>,
+    _node: NetNs,
+}
+
+const FLOOR: &str = "redirect_peer floor";
+
+impl RedirectPeerFloor {
+    fn new() -> R<RedirectPeerFloor> {
+        let node = NetNs::new("bln");
+        let hosts = ["floor0", "floor1"];
+        let pods: Vec<(NetNs, Ipv4Addr)> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let ip = Ipv4Addr::new(10, 97, 0, 1 + i as u8);
+                (hand_wired_pod(&node, host, ip, None), ip)
+            })
+            .collect();
+        let pins = BpffsDir::new();
+        std::fs::create_dir_all(&pins.path).map_err(|e| format!("{}: {e}", pins.path.display()))?;
+        node.enter(|| -> R<()> {
+            use aya::programs::{
+                SchedClassifier, TcAttachType,
+                tc::{NlOptions, TcAttachOptions, qdisc_add_clsact},
+            };
+            let index = |name: &str| {
+                nix::net::if_::if_nametoindex(name).map_err(|e| format!("{name}: {e}"))
+            };
+            for (i, host) in hosts.iter().enumerate() {
+                let prog = load_redirect_peer_program(index(hosts[1 - i])?)?;
+                // aya takes an already loaded program only from a pin.
+                let pin = pins.path.join(host);
+                bpf_obj_pin(&prog, &pin)?;
+                let classifier = SchedClassifier::from_pin(&pin);
+                let _ = std::fs::remove_file(&pin);
+                let mut classifier = classifier.map_err(|e| format!("from_pin: {e}"))?;
+                qdisc_add_clsact(host).map_err(|e| format!("clsact on {host}: {e}"))?;
+                let id = classifier
+                    .attach_with_options(
+                        host,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::Netlink(NlOptions::default()),
+                    )
+                    .map_err(|e| format!("attach on {host}: {e}"))?;
+                // The filter holds the program and goes with the veth when the
+                // node netns is deleted; dropping the link would detach it from
+                // whatever netns the dropping thread is in.
+                std::mem::forget(classifier.take_link(id).map_err(|e| e.to_string())?);
+            }
+            Ok(())
+        })?;
+        Ok(RedirectPeerFloor { pods, _node: node })
+    }
+
+    fn path(&self) -> Path2<'_> {
+        Path2 {
+            name: FLOOR,
+            server: &self.pods[1].0,
+            ip: self.pods[1].1,
+            client: &self.pods[0].0,
+        }
+    }
+}
+
+/// One `bpf_attr` for the raw syscalls below (the kernel takes zeroes for
+/// every field it does not use).
+#[repr(C, align(8))]
+struct BpfAttr([u8; 128]);
+
+impl BpfAttr {
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn call(&mut self, cmd: u32, what: &str) -> R<i64> {
+        // SAFETY: `self` is a bpf_attr-sized buffer; the pointers in it point
+        // to data the caller keeps alive across this call.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, cmd, self.0.as_mut_ptr(), self.0.len() as u32) };
+        if rc < 0 {
+            return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(rc)
+    }
+}
+
+/// A `BPF_PROG_TYPE_SCHED_CLS` program of four instructions:
+/// `r1 = ifindex; r2 = 0; call bpf_redirect_peer; exit`. aya loads programs
+/// only from ELF objects, and this one needs no compiler.
+fn load_redirect_peer_program(ifindex: u32) -> R<OwnedFd> {
+    const BPF_PROG_LOAD: u32 = 5;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_FUNC_REDIRECT_PEER: i32 = 155;
+    let insn = |code: u8, dst: u8, imm: i32| -> u64 {
+        code as u64 | (dst as u64) << 8 | (imm as u32 as u64) << 32
+    };
+    let insns = [
+        insn(0xb7, 1, ifindex as i32), // BPF_ALU64 | BPF_MOV | BPF_K: r1 = ifindex
+        insn(0xb7, 2, 0),              // r2 = 0 (flags)
+        insn(0x85, 0, BPF_FUNC_REDIRECT_PEER), // BPF_JMP | BPF_CALL
+        insn(0x95, 0, 0),              // BPF_JMP | BPF_EXIT: return r0
+    ];
+    let license = c"GPL";
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u32(0, BPF_PROG_TYPE_SCHED_CLS);
+    attr.put_u32(4, insns.len() as u32);
+    attr.put_u64(8, insns.as_ptr() as u64);
+    attr.put_u64(16, license.as_ptr() as u64);
+    attr.0[48..53].copy_from_slice(b"floor"); // prog_name
+    let fd = attr.call(BPF_PROG_LOAD, "BPF_PROG_LOAD (redirect_peer floor)")?;
+    // SAFETY: the kernel just returned this descriptor to us alone.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+fn bpf_obj_pin(prog: &OwnedFd, path: &Path) -> R<()> {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_PIN: u32 = 6;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u64(0, c_path.as_ptr() as u64);
+    attr.put_u32(8, prog.as_raw_fd() as u32);
+    attr.call(BPF_OBJ_PIN, &format!("BPF_OBJ_PIN {}", path.display()))?;
+    Ok(())
 }
 
 /// Writes a sysctl of `ns` (a /proc/sys/net file opened from inside it);
@@ -1858,7 +2043,7 @@ fn same_node_phases(cfg: &Cfg) -> R<Output> {
     let mut out = Output::default();
     // Phase 2 is a plain host: no bridge netfilter calls.
     let nf0 = netns_sysctl(&setup.br_host, "net.bridge.bridge-nf-call-iptables", "0");
-    let paths = setup.paths();
+    let paths = setup.paths(true);
     check_paths(&paths)?;
     if want(2) {
         let result = (|| -> R<Output> {
@@ -1873,8 +2058,12 @@ fn same_node_phases(cfg: &Cfg) -> R<Output> {
                 "## 2. Same-node pod-to-pod",
                 &format!(
                     "Two pods on one node: Beeline (agent `--mode direct`, pod MTU 1500), Debian's \
-                 `bridge` + `host-local` (br_netfilter calls {}), and a bare veth pair between \
-                 two namespaces (the limit). {}",
+                 `bridge` + `host-local` (br_netfilter calls {}), a bare veth pair between \
+                 two namespaces (the limit), and the {FLOOR}: two pods whose host veths carry a \
+                 cls_bpf filter that is only `return bpf_redirect_peer(<other host veth>, 0)` \
+                 (4 instructions: the least any datapath built on `bpf_redirect_peer` does; \
+                 beeline / floor is the cost of Beeline's own program, floor / bare veth the cost \
+                 of the tc hook and the peer redirect). {}",
                     match nf0.as_deref() {
                         Some("0") => "off",
                         Some(_) => "on",
@@ -1902,7 +2091,8 @@ fn same_node_phases(cfg: &Cfg) -> R<Output> {
         }
     }
     if want(3) {
-        out.absorb_phase("3", phase_rules(cfg, &setup, &paths));
+        // The floor has no host stack to load with rules: it is phase 2's.
+        out.absorb_phase("3", phase_rules(cfg, &setup, &setup.paths(false)));
     }
     drop(paths);
     drop(setup);
@@ -1913,38 +2103,38 @@ fn same_node_section(v: &[PathSamples], title: &str, intro: &str) -> String {
     let mut md = format!("{title}\n\n{intro}\n\n");
     md.push_str(&traffic_table(v, "bare veth"));
     if let (Some(b), Some(veth)) = (path_named(v, "beeline"), path_named(v, "bare veth")) {
-        let t = b.tput_ratio(veth);
-        let l = b.p50_ratio(veth);
         let mut rows = vec![
-            vec![
-                "beeline / bare veth throughput".into(),
-                ratio(t),
-                format!("≥ {TARGET_SAME_NODE_TPUT:.2}x"),
-                yes_no(t >= TARGET_SAME_NODE_TPUT),
-            ],
-            vec![
-                "beeline / bare veth RTT p50".into(),
-                ratio(l),
-                format!("≤ {TARGET_SAME_NODE_LAT:.2}x"),
-                yes_no(l <= TARGET_SAME_NODE_LAT),
-            ],
+            ratio_row(
+                "beeline / bare veth throughput",
+                &b.tput_ratios(veth),
+                Some(Target::AtLeast(TARGET_SAME_NODE_TPUT)),
+            ),
+            ratio_row(
+                "beeline / bare veth RTT p50",
+                &b.p50_ratios(veth),
+                Some(Target::AtMost(TARGET_SAME_NODE_LAT)),
+            ),
         ];
-        if let Some(br) = path_named(v, "bridge") {
-            rows.push(vec![
-                "beeline / bridge throughput".into(),
-                ratio(b.tput_ratio(br)),
-                "–".into(),
-                "–".into(),
-            ]);
-            rows.push(vec![
-                "beeline / bridge RTT p50".into(),
-                ratio(b.p50_ratio(br)),
-                "–".into(),
-                "–".into(),
-            ]);
+        for (label, x, y) in [
+            ("beeline / floor", Some(b), path_named(v, FLOOR)),
+            ("floor / bare veth", path_named(v, FLOOR), Some(veth)),
+            ("beeline / bridge", Some(b), path_named(v, "bridge")),
+        ] {
+            if let (Some(x), Some(y)) = (x, y) {
+                rows.push(ratio_row(
+                    format!("{label} throughput"),
+                    &x.tput_ratios(y),
+                    None,
+                ));
+                rows.push(ratio_row(
+                    format!("{label} RTT p50"),
+                    &x.p50_ratios(y),
+                    None,
+                ));
+            }
         }
         md.push('\n');
-        md.push_str(&table(&["ratio", "measured", "target", "met"], rows));
+        md.push_str(&table(&RATIO_HEADERS, rows));
     }
     md
 }
@@ -2337,23 +2527,19 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                     ("beeline vxlan", TARGET_VXLAN_TPUT),
                 ] {
                     if let Some(p) = path_named(&v, name) {
-                        let r = p.tput_ratio(u);
-                        rows.push(vec![
+                        rows.push(ratio_row(
                             format!("{name} / underlay throughput"),
-                            ratio(r),
-                            format!("≥ {target:.2}x"),
-                            yes_no(r >= target),
-                        ]);
+                            &p.tput_ratios(u),
+                            Some(Target::AtLeast(target)),
+                        ));
                     }
                 }
                 // Ratios reported for context, with no target.
-                let untargeted =
-                    |what: String, r: f64| vec![what, ratio(r), "–".into(), "–".into()];
                 let compare =
                     |label: &str, a: &str, b: &str| match (path_named(&v, a), path_named(&v, b)) {
                         (Some(a), Some(b)) => vec![
-                            untargeted(format!("{label} throughput"), a.tput_ratio(b)),
-                            untargeted(format!("{label} RTT p50"), a.p50_ratio(b)),
+                            ratio_row(format!("{label} throughput"), &a.tput_ratios(b), None),
+                            ratio_row(format!("{label} RTT p50"), &a.p50_ratios(b), None),
                         ],
                         _ => Vec::new(),
                     };
@@ -2363,9 +2549,10 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                     "kernel routing",
                 ));
                 if let Some(k) = path_named(&v, "kernel vxlan") {
-                    rows.push(untargeted(
-                        "kernel vxlan / underlay throughput".into(),
-                        k.tput_ratio(u),
+                    rows.push(ratio_row(
+                        "kernel vxlan / underlay throughput",
+                        &k.tput_ratios(u),
+                        None,
                     ));
                 }
                 rows.extend(compare(
@@ -2379,7 +2566,7 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                     "beeline vxlan, device encap",
                 ));
                 md.push('\n');
-                md.push_str(&table(&["ratio", "measured", "target", "met"], rows));
+                md.push_str(&table(&RATIO_HEADERS, rows));
             }
             out.sections.push((4, md));
             out.json.push((
