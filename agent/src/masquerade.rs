@@ -12,7 +12,7 @@
 //! }
 //! ```
 //! Every apply replaces the whole table in one netfilter transaction.
-use std::{ffi::CStr, io};
+use std::{ffi::CStr, io, os::fd::AsRawFd};
 
 use ipnet::Ipv4Net;
 use nftnl::{
@@ -66,10 +66,46 @@ pub fn remove() -> io::Result<()> {
     send(&batch.finalize())
 }
 
+/// Receive buffer per acknowledgement: a capped ack (`NETLINK_CAP_ACK`) is a
+/// 36-byte message in an skb whose truesize is well under this.
+const RCVBUF_PER_ACK: usize = 1024;
+/// Below this the socket's default buffers are plenty.
+const DEFAULT_BUF: usize = 128 * 1024;
+
 fn send(batch: &FinalizedBatch) -> io::Result<()> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
     let portid = socket.portid();
-    socket.send_all(batch)?;
+    let fd = socket.as_raw_fd();
+    // One sendmsg is one transaction. nftnl splits a big batch into pages
+    // and `send_all` would send them one by one: past ~500 rules the kernel
+    // sees a batch without its end and a second one without its begin.
+    let message: Vec<u8> = batch.iter().flatten().copied().collect();
+    if message.len() > DEFAULT_BUF {
+        // netlink refuses a message larger than the send buffer (EMSGSIZE).
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            message.len() + 4096,
+        )?;
+    }
+    // The kernel runs the whole batch inside that sendmsg and queues one ack
+    // per message before we read any: the default receive buffer (~208 KiB)
+    // overflows (ENOBUFS) at about 250 rules. Acks without a copy of the
+    // request, and room for all of them.
+    setsockopt_int(fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
+    let acks = batch.sequence_numbers().len();
+    if acks * RCVBUF_PER_ACK > DEFAULT_BUF {
+        setsockopt_int(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            acks * RCVBUF_PER_ACK,
+        )?;
+    }
+    if socket.send(&message)? < message.len() {
+        return Err(io::Error::other("the netfilter batch was sent in part"));
+    }
     let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
     let mut expected = batch.sequence_numbers();
     while !expected.is_empty() {
@@ -80,6 +116,25 @@ fn send(batch: &FinalizedBatch) -> io::Result<()> {
                 .ok_or_else(|| io::Error::other("unexpected netfilter acknowledgement"))?;
             mnl::cb_run(message, seq, portid)?;
         }
+    }
+    Ok(())
+}
+
+fn setsockopt_int(fd: i32, level: i32, name: i32, value: usize) -> io::Result<()> {
+    let value = i32::try_from(value).map_err(|_| io::Error::other("netfilter batch too large"))?;
+    // SAFETY: `fd` is the live netlink socket; the option value is a c_int
+    // on our stack, passed with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 //! eBPF programs can carry pod-to-pod traffic between nodes.
 use std::{net::Ipv4Addr, time::Duration};
 
+use ipnet::Ipv4Net;
+
 use beeline_tests::*;
 
 fn sum(cluster: &Cluster, program: &str, field: &str) -> u64 {
@@ -357,4 +359,46 @@ fn egress_leaves_with_the_node_ip_and_pod_traffic_keeps_the_pod_ip() {
 
     pod0.del(&cluster.nodes[0]);
     pod1.del(&cluster.nodes[1]);
+}
+
+/// Rules in the `beeline` table's postrouting chain, as `nft` lists them.
+fn masquerade_rules(ns: &NetNs) -> usize {
+    let out = run(ns
+        .cmd("nft")
+        .args(["-j", "list", "chain", "ip", "beeline", "postrouting"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft -j output");
+    v["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter(|o| o.get("rule").is_some())
+        .count()
+}
+
+#[test]
+fn masquerade_takes_thousands_of_cidrs_that_do_not_merge() {
+    require_root();
+    let ns = NetNs::new("blm");
+    // Every other /24 of 10.0.0.0/8 from 10.128.0.0 on: nothing aggregates.
+    let scattered: Vec<Ipv4Net> = (0..5000u32)
+        .map(|i| {
+            let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * 512);
+            Ipv4Net::new(addr, 24).unwrap()
+        })
+        .collect();
+    assert_eq!(Ipv4Net::aggregate(&scattered).len(), scattered.len());
+    let pod_cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+    let apply = |n: usize| {
+        ns.enter(|| beeline_agent::masquerade::apply(pod_cidr, &scattered[..n]))
+            .unwrap_or_else(|e| panic!("masquerade with {n} exceptions: {e}"))
+    };
+    apply(5000);
+    assert_eq!(
+        masquerade_rules(&ns),
+        5001,
+        "one return per CIDR + masquerade"
+    );
+    // A smaller set replaces the big table in one transaction.
+    apply(10);
+    assert_eq!(masquerade_rules(&ns), 11);
 }
