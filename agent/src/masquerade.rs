@@ -69,8 +69,8 @@ pub fn remove() -> io::Result<()> {
 /// Receive buffer per acknowledgement: a capped ack (`NETLINK_CAP_ACK`) is a
 /// 36-byte message in an skb whose truesize is well under this.
 const RCVBUF_PER_ACK: usize = 1024;
-/// Below this the socket's default buffers are plenty.
-const DEFAULT_BUF: usize = 128 * 1024;
+/// Never size a buffer below this: it is about the socket's default.
+const MIN_BUF: usize = 128 * 1024;
 
 fn send(batch: &FinalizedBatch) -> io::Result<()> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
@@ -80,29 +80,16 @@ fn send(batch: &FinalizedBatch) -> io::Result<()> {
     // and `send_all` would send them one by one: past ~500 rules the kernel
     // sees a batch without its end and a second one without its begin.
     let message: Vec<u8> = batch.iter().flatten().copied().collect();
-    if message.len() > DEFAULT_BUF {
-        // netlink refuses a message larger than the send buffer (EMSGSIZE).
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            message.len() + 4096,
-        )?;
-    }
+    // netlink refuses a message larger than the send buffer (EMSGSIZE).
+    let sndbuf = (message.len() + 4096).max(MIN_BUF);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, sndbuf)?;
     // The kernel runs the whole batch inside that sendmsg and queues one ack
     // per message before we read any: the default receive buffer (~208 KiB)
     // overflows (ENOBUFS) at about 250 rules. Acks without a copy of the
     // request, and room for all of them.
     setsockopt_int(fd, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)?;
-    let acks = batch.sequence_numbers().len();
-    if acks * RCVBUF_PER_ACK > DEFAULT_BUF {
-        setsockopt_int(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            acks * RCVBUF_PER_ACK,
-        )?;
-    }
+    let rcvbuf = (batch.sequence_numbers().len() * RCVBUF_PER_ACK).max(MIN_BUF);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, rcvbuf)?;
     if socket.send(&message)? < message.len() {
         return Err(io::Error::other("the netfilter batch was sent in part"));
     }

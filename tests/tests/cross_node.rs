@@ -196,16 +196,22 @@ fn vxlan_built_by_the_programs_and_by_the_kernel_device_interoperate() {
     remove_all(&cluster, pods);
 }
 
+/// Two VXLAN-mode nodes with a pod each.
+fn vxlan_pod_pair() -> (Cluster, Pod, Pod) {
+    let mut cluster = Cluster::new(2);
+    cluster.start(&["--mode", "vxlan"]);
+    let a = Pod::add(&cluster.nodes[0], "1.1.0");
+    let b = Pod::add(&cluster.nodes[1], "1.1.0");
+    (cluster, a, b)
+}
+
 /// A packet whose outer header carries a congestion mark (CE, copied from the
 /// inner header at encapsulation) needs the mark merged into the inner
 /// header: the uplink program leaves it to the kernel's VXLAN device, which
 /// decapsulates it, and `from_overlay` delivers it.
 #[test]
 fn vxlan_packets_the_programs_decline_take_the_kernel_device() {
-    let mut cluster = Cluster::new(2);
-    cluster.start(&["--mode", "vxlan"]);
-    let a = Pod::add(&cluster.nodes[0], "1.1.0");
-    let b = Pod::add(&cluster.nodes[1], "1.1.0");
+    let (cluster, a, b) = vxlan_pod_pair();
     let node_b = &cluster.nodes[1];
     let overlay_before = counter(node_b, "from_overlay", "redirected_local");
     let (device_rx_before, _) = node_b.ns.link_packets("beeline-vxlan");
@@ -232,10 +238,7 @@ fn vxlan_packets_the_programs_decline_take_the_kernel_device() {
 /// cuts them into wire-sized VXLAN packets in software.
 #[test]
 fn bulk_tcp_over_vxlan_arrives_intact_with_and_without_tunnel_offload() {
-    let mut cluster = Cluster::new(2);
-    cluster.start(&["--mode", "vxlan"]);
-    let a = Pod::add(&cluster.nodes[0], "1.1.0");
-    let b = Pod::add(&cluster.nodes[1], "1.1.0");
+    let (cluster, a, b) = vxlan_pod_pair();
     let uplink_tx = |node: &Node| node.ns.link_packets("uplink0").1;
     const BYTES: u64 = 32 << 20;
 

@@ -1771,6 +1771,18 @@ fn ratio_row(what: impl Into<String>, per_round: &[f64], target: Option<Target>)
     vec![what.into(), ratio(m), band, target, met]
 }
 
+/// Throughput and RTT p50 rows for `a / b`, with no target; none when either
+/// path was not measured.
+fn ratio_pair(label: &str, a: Option<&PathSamples>, b: Option<&PathSamples>) -> Vec<Vec<String>> {
+    let (Some(a), Some(b)) = (a, b) else {
+        return Vec::new();
+    };
+    vec![
+        ratio_row(format!("{label} throughput"), &a.tput_ratios(b), None),
+        ratio_row(format!("{label} RTT p50"), &a.p50_ratios(b), None),
+    ]
+}
+
 fn path_named<'a>(v: &'a [PathSamples], name: &str) -> Option<&'a PathSamples> {
     v.iter().find(|p| p.name == name)
 }
@@ -2115,24 +2127,17 @@ fn same_node_section(v: &[PathSamples], title: &str, intro: &str) -> String {
                 Some(Target::AtMost(TARGET_SAME_NODE_LAT)),
             ),
         ];
-        for (label, x, y) in [
-            ("beeline / floor", Some(b), path_named(v, FLOOR)),
-            ("floor / bare veth", path_named(v, FLOOR), Some(veth)),
-            ("beeline / bridge", Some(b), path_named(v, "bridge")),
-        ] {
-            if let (Some(x), Some(y)) = (x, y) {
-                rows.push(ratio_row(
-                    format!("{label} throughput"),
-                    &x.tput_ratios(y),
-                    None,
-                ));
-                rows.push(ratio_row(
-                    format!("{label} RTT p50"),
-                    &x.p50_ratios(y),
-                    None,
-                ));
-            }
-        }
+        rows.extend(ratio_pair("beeline / floor", Some(b), path_named(v, FLOOR)));
+        rows.extend(ratio_pair(
+            "floor / bare veth",
+            path_named(v, FLOOR),
+            Some(veth),
+        ));
+        rows.extend(ratio_pair(
+            "beeline / bridge",
+            Some(b),
+            path_named(v, "bridge"),
+        ));
         md.push('\n');
         md.push_str(&table(&RATIO_HEADERS, rows));
     }
@@ -2535,14 +2540,9 @@ fn cross_node_phases(cfg: &Cfg) -> R<Output> {
                     }
                 }
                 // Ratios reported for context, with no target.
-                let compare =
-                    |label: &str, a: &str, b: &str| match (path_named(&v, a), path_named(&v, b)) {
-                        (Some(a), Some(b)) => vec![
-                            ratio_row(format!("{label} throughput"), &a.tput_ratios(b), None),
-                            ratio_row(format!("{label} RTT p50"), &a.p50_ratios(b), None),
-                        ],
-                        _ => Vec::new(),
-                    };
+                let compare = |label: &str, a: &str, b: &str| {
+                    ratio_pair(label, path_named(&v, a), path_named(&v, b))
+                };
                 rows.extend(compare(
                     "beeline direct / kernel routing",
                     "beeline direct",
