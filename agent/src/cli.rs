@@ -59,8 +59,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the node daemon.
     Run(RunArgs),
-    /// List the endpoints in the pinned endpoint map.
-    Endpoints(InspectArgs),
+    /// List the endpoints in the pinned endpoint map, with their pods.
+    Endpoints(EndpointsArgs),
     /// List the remote podCIDRs and the node each one is forwarded to.
     Nodes(InspectArgs),
     /// Show the per-program packet counters.
@@ -143,6 +143,15 @@ pub struct UninstallArgs {
     pub cni_bin_dir: Option<PathBuf>,
     #[arg(long)]
     pub cni_conf_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EndpointsArgs {
+    #[command(flatten)]
+    pub inspect: InspectArgs,
+    /// The agent's state dir, for the pods' names.
+    #[arg(long, default_value = "/var/lib/beeline")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Args)]

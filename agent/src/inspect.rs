@@ -1,23 +1,17 @@
-//! `beeline-agent endpoints|stats`: read the pinned maps directly, so they
-//! work while the daemon is down.
-use std::{net::Ipv4Addr, path::Path};
+//! `beeline-agent endpoints|nodes|stats`: read the pinned maps directly
+//! (and, for names, the agent's state file), so they work while the daemon
+//! is down.
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
-use anyhow::{Context, Result};
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray};
-use beeline_common::{Counters, Endpoint, EndpointKey, RemoteNode, StatsSlot, Tunnel, map_names};
+use anyhow::Result;
+use beeline_common::{Program, Tunnel, Verdict};
 use beeline_proto::MacAddr;
 use serde::Serialize;
 
-fn pinned(bpffs: &Path, name: &str) -> Result<MapData> {
-    let path = bpffs.join(name);
-    MapData::from_pin(&path).with_context(|| {
-        format!(
-            "cannot open the pinned map {} (is the agent installed on this node, \
-             and is --bpffs-dir right?)",
-            path.display()
-        )
-    })
-}
+use crate::{
+    maps::{EndpointsMap, RemoteCidrsMap, StatsMap},
+    state,
+};
 
 #[derive(Serialize)]
 pub struct EndpointRow {
@@ -25,24 +19,64 @@ pub struct EndpointRow {
     pub host_ifindex: u32,
     pub pod_mac: String,
     pub host_mac: String,
+    /// From the agent's records; absent for a map entry nobody recorded.
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container_id: Option<String>,
+    pub ifname: Option<String>,
+    pub host_ifname: Option<String>,
 }
 
-pub fn endpoints(bpffs: &Path) -> Result<Vec<EndpointRow>> {
-    let map: HashMap<MapData, EndpointKey, Endpoint> =
-        HashMap::try_from(Map::HashMap(pinned(bpffs, map_names::ENDPOINTS)?))?;
-    let mut rows = map
-        .iter()
-        .map(|r| {
-            r.map(|(k, v)| EndpointRow {
-                ip: Ipv4Addr::from(k.addr),
+/// The endpoint map, joined with the agent's records by IP.
+pub fn endpoints(bpffs: &Path, state_dir: &Path) -> Result<Vec<EndpointRow>> {
+    let records: BTreeMap<Ipv4Addr, beeline_proto::Endpoint> = state::read(state_dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.ip, e))
+        .collect();
+    let mut rows: Vec<EndpointRow> = EndpointsMap::open(bpffs)?
+        .entries()?
+        .into_iter()
+        .map(|(ip, v)| {
+            let record = records.get(&ip);
+            let pod = record.and_then(|r| r.pod.as_ref());
+            EndpointRow {
+                ip,
                 host_ifindex: v.host_ifindex,
                 pod_mac: MacAddr(v.pod_mac).to_string(),
                 host_mac: MacAddr(v.host_mac).to_string(),
-            })
+                namespace: pod.map(|p| p.namespace.clone()),
+                pod: pod.map(|p| p.name.clone()),
+                container_id: record.map(|r| r.container_id.clone()),
+                ifname: record.map(|r| r.ifname.clone()),
+                host_ifname: record.map(|r| r.host_ifname.clone()),
+            }
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
     rows.sort_by_key(|r| r.ip);
     Ok(rows)
+}
+
+pub fn print_endpoints(rows: &[EndpointRow]) {
+    println!(
+        "{:<16} {:<30} {:<16} {:>8}  {:<17}  {:<17}",
+        "IP", "POD", "HOST VETH", "IFINDEX", "POD MAC", "HOST MAC"
+    );
+    for r in rows {
+        let pod = match (&r.namespace, &r.pod) {
+            (Some(ns), Some(name)) => format!("{ns}/{name}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<16} {:<30} {:<16} {:>8}  {:<17}  {:<17}",
+            r.ip,
+            pod,
+            r.host_ifname.as_deref().unwrap_or("-"),
+            r.host_ifindex,
+            r.pod_mac,
+            r.host_mac
+        );
+    }
 }
 
 #[derive(Serialize)]
@@ -54,24 +88,19 @@ pub struct RemoteRow {
 
 /// The remote podCIDR trie: which node (and how) each CIDR goes to.
 pub fn remote_cidrs(bpffs: &Path) -> Result<Vec<RemoteRow>> {
-    let map: LpmTrie<MapData, [u8; 4], RemoteNode> =
-        LpmTrie::try_from(Map::LpmTrie(pinned(bpffs, map_names::REMOTE_CIDRS)?))?;
-    let mut rows = map
-        .iter()
-        .map(|r| {
-            r.map(|(k, v)| RemoteRow {
-                pod_cidr: format!("{}/{}", Ipv4Addr::from(k.data()), k.prefix_len()),
-                node_ip: Ipv4Addr::from(v.node_addr),
-                tunnel: if v.tunnel == Tunnel::Vxlan as u32 {
-                    "vxlan"
-                } else {
-                    "direct"
-                },
-            })
+    Ok(RemoteCidrsMap::open(bpffs)?
+        .entries()?
+        .into_iter()
+        .map(|(net, v)| RemoteRow {
+            pod_cidr: net.to_string(),
+            node_ip: Ipv4Addr::from(v.node_addr),
+            tunnel: if v.tunnel == Tunnel::Vxlan as u32 {
+                "vxlan"
+            } else {
+                "direct"
+            },
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.sort_by(|a, b| a.pod_cidr.cmp(&b.pod_cidr));
-    Ok(rows)
+        .collect())
 }
 
 pub fn print_remote_cidrs(rows: &[RemoteRow]) {
@@ -81,83 +110,29 @@ pub fn print_remote_cidrs(rows: &[RemoteRow]) {
     }
 }
 
-#[derive(Serialize, Default, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProgramStats {
-    pub redirected_local: u64,
-    pub forwarded_direct: u64,
-    pub forwarded_tunnel: u64,
-    pub passed_to_host: u64,
-    pub dropped_malformed: u64,
-    pub dropped_helper_error: u64,
-}
+/// Packets by program and verdict, summed over CPUs: `{program: {verdict: n}}`.
+pub type Stats = BTreeMap<&'static str, BTreeMap<&'static str, u64>>;
 
-impl ProgramStats {
-    fn add(&mut self, c: &Counters) {
-        self.redirected_local += c.redirected_local;
-        self.forwarded_direct += c.forwarded_direct;
-        self.forwarded_tunnel += c.forwarded_tunnel;
-        self.passed_to_host += c.passed_to_host;
-        self.dropped_malformed += c.dropped_malformed;
-        self.dropped_helper_error += c.dropped_helper_error;
-    }
-}
-
-#[derive(Serialize, Default, Debug)]
-pub struct Stats {
-    pub from_pod: ProgramStats,
-    pub from_uplink: ProgramStats,
-    pub from_overlay: ProgramStats,
-}
-
-/// Per-program counters summed over CPUs.
 pub fn stats(bpffs: &Path) -> Result<Stats> {
-    let map: PerCpuArray<MapData, Counters> =
-        PerCpuArray::try_from(Map::PerCpuArray(pinned(bpffs, map_names::STATS)?))?;
-    let mut stats = Stats::default();
-    for (slot, target) in [
-        (StatsSlot::FromPod, &mut stats.from_pod),
-        (StatsSlot::FromUplink, &mut stats.from_uplink),
-        (StatsSlot::FromOverlay, &mut stats.from_overlay),
-    ] {
-        for per_cpu in map.get(&(slot as u32), 0)?.iter() {
-            target.add(per_cpu);
-        }
-    }
-    Ok(stats)
+    let counters = StatsMap::open(bpffs)?.read()?;
+    Ok(Program::ALL
+        .iter()
+        .map(|&p| {
+            let verdicts = Verdict::ALL
+                .iter()
+                .map(|&v| (v.name(), counters.get(p, v)))
+                .collect();
+            (p.name(), verdicts)
+        })
+        .collect())
 }
 
-pub fn print_endpoints(rows: &[EndpointRow]) {
-    println!(
-        "{:<16} {:>8}  {:<17}  {:<17}",
-        "IP", "IFINDEX", "POD MAC", "HOST MAC"
-    );
-    for r in rows {
-        println!(
-            "{:<16} {:>8}  {:<17}  {:<17}",
-            r.ip, r.host_ifindex, r.pod_mac, r.host_mac
-        );
-    }
-}
-
+/// One line per program and verdict that counted anything.
 pub fn print_stats(stats: &Stats) {
-    println!(
-        "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
-        "PROGRAM", "REDIRECTED", "FWD_DIRECT", "FWD_TUNNEL", "PASSED", "DROP_MALF", "DROP_HELPER"
-    );
-    for (name, s) in [
-        ("from_pod", &stats.from_pod),
-        ("from_uplink", &stats.from_uplink),
-        ("from_overlay", &stats.from_overlay),
-    ] {
-        println!(
-            "{:<14} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
-            name,
-            s.redirected_local,
-            s.forwarded_direct,
-            s.forwarded_tunnel,
-            s.passed_to_host,
-            s.dropped_malformed,
-            s.dropped_helper_error
-        );
+    println!("{:<14} {:<22} {:>14}", "PROGRAM", "VERDICT", "PACKETS");
+    for (program, verdicts) in stats {
+        for (verdict, packets) in verdicts.iter().filter(|(_, n)| **n > 0) {
+            println!("{program:<14} {verdict:<22} {packets:>14}");
+        }
     }
 }

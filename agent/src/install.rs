@@ -38,12 +38,21 @@ pub fn default_cni_binary() -> Result<PathBuf> {
     Ok(exe.with_file_name(CNI_BINARY_NAME))
 }
 
-pub fn install_binary(source: &Path, bin_dir: &Path) -> Result<PathBuf> {
+/// Writes `bytes` to `path` unless it already holds exactly them; returns
+/// the path when it wrote.
+fn write_if_changed(path: &Path, bytes: &[u8], mode: u32) -> Result<Option<PathBuf>> {
+    if fs::read(path).is_ok_and(|current| current == bytes) {
+        return Ok(None);
+    }
+    write_atomic(path, bytes, mode)?;
+    Ok(Some(path.to_path_buf()))
+}
+
+/// Installs the CNI binary unless the same one is there.
+pub fn install_binary(source: &Path, bin_dir: &Path) -> Result<Option<PathBuf>> {
     let bytes =
         fs::read(source).with_context(|| format!("reading the CNI binary {}", source.display()))?;
-    let dest = bin_dir.join(CNI_BINARY_NAME);
-    write_atomic(&dest, &bytes, 0o755)?;
-    Ok(dest)
+    write_if_changed(&bin_dir.join(CNI_BINARY_NAME), &bytes, 0o755)
 }
 
 pub fn conflist(socket: &Path) -> serde_json::Value {
@@ -57,11 +66,10 @@ pub fn conflist(socket: &Path) -> serde_json::Value {
     })
 }
 
-pub fn write_conflist(conf_dir: &Path, socket: &Path) -> Result<PathBuf> {
-    let dest = conf_dir.join(CONFLIST_NAME);
+/// Writes the conflist unless the same one is there.
+pub fn write_conflist(conf_dir: &Path, socket: &Path) -> Result<Option<PathBuf>> {
     let bytes = serde_json::to_vec_pretty(&conflist(socket))?;
-    write_atomic(&dest, &bytes, 0o644)?;
-    Ok(dest)
+    write_if_changed(&conf_dir.join(CONFLIST_NAME), &bytes, 0o644)
 }
 
 /// Removes a file; true if it existed.
@@ -80,7 +88,13 @@ mod tests {
     #[test]
     fn conflist_is_written_atomically_and_parses() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_conflist(dir.path(), Path::new("/run/beeline/agent.sock")).unwrap();
+        let socket = Path::new("/run/beeline/agent.sock");
+        let path = write_conflist(dir.path(), socket).unwrap().unwrap();
+        assert_eq!(
+            write_conflist(dir.path(), socket).unwrap(),
+            None,
+            "rewritten unchanged"
+        );
         let v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
         assert_eq!(v["plugins"][0]["type"], "beeline");
         assert_eq!(v["plugins"][0]["agentSocket"], "/run/beeline/agent.sock");

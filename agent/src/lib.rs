@@ -1,16 +1,29 @@
 //! The Beeline node agent as a library: the daemon (`main.rs`) and the
-//! integration tests drive the same datapath and state code.
-pub mod agent;
+//! integration tests drive the same code.
+//!
+//! - [`owners`]: the tasks that own the node's state (endpoint registry,
+//!   node sync, CNI installer), each reconciling with a period and backoff;
+//! - [`sources`]: where their inputs come from (Kubernetes watchers, files);
+//! - [`datapath`] and [`maps`]: the eBPF object, its programs and one module
+//!   per pinned map;
+//! - [`api`], [`health`], [`metrics`], [`status`]: what the agent serves
+//!   and publishes;
+//! - [`daemon`], [`uninstall`], [`inspect`]: the commands.
+pub mod api;
 pub mod cli;
+pub mod daemon;
 pub mod datapath;
 pub mod health;
 pub mod inspect;
 pub mod install;
+pub mod maps;
 pub mod masquerade;
-pub mod node_source;
-pub mod nodes;
+pub mod metrics;
+pub mod owners;
 pub mod remote;
 pub mod retire;
-pub mod server;
+pub mod sources;
 pub mod state;
+pub mod status;
+pub mod uninstall;
 pub mod uplink;

@@ -66,6 +66,34 @@ pub fn remove() -> io::Result<()> {
     send(&batch.finalize())
 }
 
+/// Whether the table is installed (a `nft flush ruleset` or a firewall
+/// reload removes it).
+pub fn installed() -> io::Result<bool> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
+    let portid = socket.portid();
+    let seq = 1;
+    let request = nftnl::table::get_tables_nlmsg(seq);
+    // The builder returns a whole page: send only the message.
+    let len = u32::from_ne_bytes(request[..4].try_into().expect("4 bytes")) as usize;
+    socket.send(&request[..len])?;
+    let mut tables = std::collections::HashSet::new();
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    loop {
+        let n = socket.recv_raw(&mut buffer)?;
+        match mnl::cb_run2(
+            &buffer[..n],
+            seq,
+            portid,
+            nftnl::table::get_tables_cb,
+            &mut tables,
+        )? {
+            mnl::CbResult::Stop => break,
+            mnl::CbResult::Ok => {}
+        }
+    }
+    Ok(tables.contains(TABLE))
+}
+
 /// Receive buffer per acknowledgement: a capped ack (`NETLINK_CAP_ACK`) is a
 /// 36-byte message in an skb whose truesize is well under this.
 const RCVBUF_PER_ACK: usize = 1024;

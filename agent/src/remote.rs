@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use beeline_common::{RemoteNode, Tunnel};
 use ipnet::Ipv4Net;
 
-use crate::nodes::NodeRoute;
+use crate::sources::nodes::NodeRoute;
 
 /// `--mode`: how to reach other nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use beeline_proto::Endpoint;
 use nix::{
     errno::Errno,
@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use tracing::error;
 
 const FILE: &str = "endpoints.json";
-const FORMAT_VERSION: u32 = 1;
+/// 2 added the pod's identity; files of version 1 load as they are.
+const FORMAT_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct OnDisk {
@@ -34,6 +35,16 @@ pub type AttachmentKey = (String, String);
 
 pub fn key_of(ep: &Endpoint) -> AttachmentKey {
     (ep.container_id.clone(), ep.ifname.clone())
+}
+
+/// The persisted endpoints, read without taking the store (for the
+/// inspection commands).
+pub fn read(dir: &Path) -> Result<Vec<Endpoint>> {
+    let path = dir.join(FILE);
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let disk: OnDisk =
+        serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(disk.endpoints)
 }
 
 pub struct EndpointStore {
@@ -50,6 +61,12 @@ impl EndpointStore {
         let path = dir.join(FILE);
         let endpoints = match fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
+                Ok(disk) if disk.version > FORMAT_VERSION => bail!(
+                    "{} has format version {}, newer than this agent's {FORMAT_VERSION}: \
+                     run the newer agent (a downgrade would lose what it recorded)",
+                    path.display(),
+                    disk.version
+                ),
                 Ok(disk) => disk
                     .endpoints
                     .into_iter()
@@ -159,6 +176,7 @@ mod tests {
             host_ifindex: 7,
             host_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             pod_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            pod: None,
         }
     }
 
@@ -181,6 +199,32 @@ mod tests {
             reloaded.by_ip([10, 0, 0, 3].into()).unwrap().container_id,
             "b"
         );
+    }
+
+    #[test]
+    fn loads_the_previous_format_and_refuses_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // As the previous release wrote it: version 1, no pod identity.
+        fs::write(
+            dir.path().join(FILE),
+            r#"{"version":1,"endpoints":[{"container_id":"c1","ifname":"eth0",
+               "netns":"/run/netns/p1","ip":"10.0.0.2","host_ifname":"bl1",
+               "host_ifindex":9,"host_mac":"02:00:00:00:00:01",
+               "pod_mac":"02:00:00:00:00:02"}]}"#,
+        )
+        .unwrap();
+        let mut store = EndpointStore::load(dir.path()).unwrap();
+        assert_eq!(store.by_ip([10, 0, 0, 2].into()).unwrap().pod, None);
+        store.insert(ep("c2", [10, 0, 0, 3])).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(FILE)).unwrap()).unwrap();
+        assert_eq!(written["version"], FORMAT_VERSION);
+        assert_eq!(written["endpoints"].as_array().unwrap().len(), 2);
+
+        fs::write(dir.path().join(FILE), br#"{"version":99,"endpoints":[]}"#).unwrap();
+        let err = EndpointStore::load(dir.path()).err().unwrap();
+        assert!(format!("{err:#}").contains("newer"), "{err:#}");
+        assert!(dir.path().join(FILE).exists(), "a newer file must be kept");
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub async fn find(handle: &Handle, ip: Ipv4Addr) -> Result<Option<Uplink>> {
     }))
 }
 
+/// The index of the link named `name`; `None` only when the kernel says
+/// there is no such device.
+pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {
+    Ok(link_by_name(handle, name).await?.map(|l| l.header.index))
+}
+
 async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkMessage>> {
     first_link(handle.link().get().match_index(index)).await
 }

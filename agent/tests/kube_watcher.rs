@@ -1,10 +1,11 @@
-//! The Kubernetes node source against recorded apiserver traffic
+//! The Kubernetes node source (a reflector keeping each Node's route)
+//! against recorded apiserver traffic
 //! (fixtures/kube): list, watch events (modify, add, bookmark, delete), a
 //! 410 Expired that forces a relist. The test plays the apiserver through a
 //! tower-test mock and checks each request the watcher makes.
 use std::time::Duration;
 
-use beeline_agent::{node_source, nodes::NodeRoute};
+use beeline_agent::sources::{self, nodes::NodeRoute};
 use http::{Request, Response};
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, client::Body, runtime::watcher};
@@ -62,8 +63,9 @@ async fn follows_list_then_watch_events_and_relists_after_expiry() {
     let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let api: Api<Node> = Api::all(kube::Client::new(service, "default"));
     let (tx, mut rx) = watch::channel(Vec::new());
-    let task = tokio::spawn(node_source::follow(
+    let task = tokio::spawn(sources::reflect(
         watcher(api, watcher::Config::default()),
+        NodeRoute::from_node,
         tx,
     ));
 

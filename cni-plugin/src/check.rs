@@ -2,7 +2,7 @@
 //! with what the datapath holds, and names every difference.
 use std::net::{IpAddr, Ipv4Addr};
 
-use beeline_proto::Client;
+use beeline_proto::{Client, POD_GATEWAY as GATEWAY};
 use futures::TryStreamExt;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
@@ -20,8 +20,6 @@ use crate::{
     ipam::{IpStore, Owner},
     link, netns,
 };
-
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// What prevResult says about our interface: its MAC and IPv4 address.
 pub(crate) fn expected(prev: &Value, env: &Env) -> Result<(String, Ipv4Addr)> {

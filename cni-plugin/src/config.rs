@@ -257,6 +257,25 @@ impl Env {
     }
 }
 
+impl Env {
+    /// The Kubernetes pod the kubelet names in CNI_ARGS
+    /// (`K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;K8S_POD_UID=..`).
+    pub fn pod_ref(&self) -> Option<beeline_proto::PodRef> {
+        let args = self.cni_args.as_deref()?;
+        let value = |key: &str| {
+            args.split(';')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        };
+        Some(beeline_proto::PodRef {
+            namespace: value("K8S_POD_NAMESPACE")?,
+            name: value("K8S_POD_NAME")?,
+            uid: value("K8S_POD_UID").unwrap_or_default(),
+        })
+    }
+}
+
 /// Linux interface-name rules (dev_valid_name), stated as errors a person can act on.
 pub fn validate_ifname(name: &str) -> Result<()> {
     let bad = |why: &str| {
@@ -362,6 +381,38 @@ mod tests {
         assert_eq!(
             NetConf::parse(&huge).unwrap_err().code,
             code::DECODE_FAILURE
+        );
+    }
+
+    #[test]
+    fn pod_identity_comes_from_cni_args() {
+        let get = env_of(&[
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/run/netns/x"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-7db6d;\
+                 K8S_POD_INFRA_CONTAINER_ID=c1;K8S_POD_UID=0f3c",
+            ),
+        ]);
+        let pod = Env::for_attachment(Command::Add, &get)
+            .unwrap()
+            .pod_ref()
+            .unwrap();
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str()),
+            ("kube-system", "coredns-7db6d", "0f3c")
+        );
+        let get = env_of(&[
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_ARGS", "IgnoreUnknown=1"),
+        ]);
+        assert_eq!(
+            Env::for_attachment(Command::Add, &get).unwrap().pod_ref(),
+            None
         );
     }
 

@@ -1,6 +1,8 @@
 //! `beeline`: the CNI plugin binary. The runtime executes it with CNI_*
 //! variables and the network configuration on stdin; the result (or the
 //! spec's error object) goes to stdout.
+mod add;
+mod addressing;
 mod check;
 mod commands;
 mod config;
@@ -80,9 +82,7 @@ fn run(get: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Val
     match command {
         Command::Add => {
             let env = Env::for_attachment(command, get)?;
-            runtime
-                .block_on(commands::add(&env, &conf, stdin))
-                .map(Some)
+            runtime.block_on(add::add(&env, &conf, stdin)).map(Some)
         }
         Command::Del => {
             let env = Env::for_attachment(command, get)?;

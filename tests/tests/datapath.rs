@@ -7,10 +7,12 @@ use std::{
 };
 
 use beeline_agent::{
+    cli::PodAttach,
     datapath::{self, Datapath},
     inspect,
+    maps::StatsMap,
 };
-use beeline_common::Endpoint;
+use beeline_common::{Endpoint, Program, Verdict};
 use beeline_tests::*;
 
 /// A pod-like netns wired to `node` with a veth, set up as the CNI does.
@@ -28,6 +30,12 @@ impl FakePod {
     }
 }
 
+/// `beeline_from_pod`'s packets with `verdict`, read from the pinned map.
+fn from_pod(bpffs: &BpffsDir, verdict: Verdict) -> u64 {
+    let counters = StatsMap::open(&bpffs.path).unwrap().read().unwrap();
+    counters.get(Program::FromPod, verdict)
+}
+
 fn ifindex(ns: &NetNs, dev: &str) -> u32 {
     let v: serde_json::Value = serde_json::from_str(&ns.ip(&["-j", "link", "show", dev])).unwrap();
     v[0]["ifindex"].as_u64().unwrap() as u32
@@ -42,8 +50,9 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
     let receiver = FakePod::new(&node, Ipv4Addr::new(10, 99, 1, 2));
 
     let mut datapath = node.enter(|| {
-        let mut dp = Datapath::load(&bpffs.path, false).expect("load the eBPF object");
-        dp.attach_pod(&sender.host_if)
+        let dp = Datapath::load(&bpffs.path, false, PodAttach::Tc).expect("load the eBPF object");
+        dp.programs
+            .attach_pod(&sender.host_if)
             .expect("attach to the host veth");
         dp
     });
@@ -53,25 +62,24 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
     }
 
     // 1. Unknown destination: left to the host stack and counted as passed.
-    let before = inspect::stats(&bpffs.path).unwrap().from_pod;
+    let before = from_pod(&bpffs, Verdict::PassedToHost);
     sender.ns.enter(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         for _ in 0..10 {
             sock.send_to(b"nobody", "10.99.1.77:9").unwrap();
         }
     });
-    let after = inspect::stats(&bpffs.path).unwrap().from_pod;
+    let after = from_pod(&bpffs, Verdict::PassedToHost);
     assert!(
-        after.passed_to_host >= before.passed_to_host + 10,
-        "passed_to_host went {} -> {}",
-        before.passed_to_host,
-        after.passed_to_host
+        after >= before + 10,
+        "passed_to_host went {before} -> {after}"
     );
-    assert_eq!(after.redirected_local, 0);
+    assert_eq!(from_pod(&bpffs, Verdict::RedirectedLocal), 0);
 
     // 2. A registered endpoint: delivered into the receiver's netns.
     datapath
-        .upsert_endpoint(
+        .endpoints
+        .upsert(
             receiver.ip,
             Endpoint {
                 host_ifindex: ifindex(&node, &receiver.host_if),
@@ -97,12 +105,11 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
         .expect("the datagram was redirected");
     assert_eq!(&buf[..n], b"hello beeline");
     assert_eq!(from.ip(), sender.ip);
-    let stats = inspect::stats(&bpffs.path).unwrap().from_pod;
-    assert!(stats.redirected_local >= 1, "{stats:?}");
-    assert_eq!(stats.dropped_helper_error, 0);
+    assert!(from_pod(&bpffs, Verdict::RedirectedLocal) >= 1);
+    assert_eq!(from_pod(&bpffs, Verdict::DroppedHelperError), 0);
 
     // The endpoint is visible through the pinned map, as operators see it.
-    let rows = inspect::endpoints(&bpffs.path).unwrap();
+    let rows = inspect::endpoints(&bpffs.path, &bpffs.path.join("no-state")).unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].ip, receiver.ip);
 
@@ -117,12 +124,12 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
         "{}",
         String::from_utf8_lossy(&tc.stdout)
     );
-    let before = inspect::stats(&bpffs.path).unwrap().from_pod;
+    let before = inspect::stats(&bpffs.path).unwrap();
     sender.ns.enter(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         sock.send_to(b"x", (receiver.ip, 7777)).unwrap();
     });
     std::thread::sleep(Duration::from_millis(100));
-    let after = inspect::stats(&bpffs.path).unwrap().from_pod;
+    let after = inspect::stats(&bpffs.path).unwrap();
     assert_eq!(before, after, "a detached program still ran");
 }

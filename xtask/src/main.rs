@@ -227,6 +227,16 @@ const TEST_TOOLS: &[(&str, &str, &str)] = &[
         "the VXLAN test without tunnel offload fails",
     ),
     ("podman", "podman", "the podman test fails"),
+    (
+        "containerd",
+        "containerd",
+        "the containerd (CRI) tests fail",
+    ),
+    (
+        "protoc",
+        "protobuf-compiler",
+        "the test crate (CRI client) does not build",
+    ),
     ("runc", "runc", "the podman test fails"),
     ("/bin/busybox", "busybox-static", "the podman test fails"),
 ];

@@ -6,7 +6,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::Ipv4Addr,
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::PathBuf,
     str::FromStr,
     time::Duration,
 };
@@ -29,11 +29,6 @@ pub enum Request {
         container_id: String,
         ifname: String,
     },
-    /// The agent's record of one endpoint, if any.
-    GetEndpoint {
-        container_id: String,
-        ifname: String,
-    },
     /// Checks the endpoint's datapath state (map entry, attached program);
     /// answers `None` for an unknown endpoint, else the problems found.
     CheckEndpoint {
@@ -47,6 +42,24 @@ pub enum Request {
     /// milliseconds to tear a veth pair down, which DEL need not wait for.
     RetireLink { ifname: String },
 }
+
+impl Request {
+    /// The request's name, for metrics and logs.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::NodeInfo => "node_info",
+            Request::Register { .. } => "register",
+            Request::Unregister { .. } => "unregister",
+            Request::CheckEndpoint { .. } => "check_endpoint",
+            Request::ListEndpoints => "list_endpoints",
+            Request::RetireLink { .. } => "retire_link",
+        }
+    }
+}
+
+/// The pods' default gateway: link-local and never on the wire (each pod has
+/// a permanent neighbour entry for it, its host veth's MAC).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 /// Name prefix of a pod veth that DEL took out of service.
 pub const RETIRED_PREFIX: &str = "bx";
@@ -75,6 +88,18 @@ pub struct Endpoint {
     pub host_ifindex: u32,
     pub host_mac: MacAddr,
     pub pod_mac: MacAddr,
+    /// The Kubernetes pod, when the runtime said (`K8S_POD_*` in CNI_ARGS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A Kubernetes pod, as the kubelet names it in CNI_ARGS.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
 }
 
 /// Why the agent refused a request.
@@ -138,10 +163,6 @@ impl Client {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn node_info(&self) -> Result<NodeInfo, ClientError> {
         self.call(&Request::NodeInfo)
     }
@@ -165,17 +186,6 @@ impl Client {
 
     pub fn retire_link(&self, ifname: &str) -> Result<(), ClientError> {
         self.call(&Request::RetireLink {
-            ifname: ifname.into(),
-        })
-    }
-
-    pub fn get_endpoint(
-        &self,
-        container_id: &str,
-        ifname: &str,
-    ) -> Result<Option<Endpoint>, ClientError> {
-        self.call(&Request::GetEndpoint {
-            container_id: container_id.into(),
             ifname: ifname.into(),
         })
     }

@@ -3,6 +3,12 @@
 //! padding so both sides agree on the layout and `bpftool` prints field names.
 #![no_std]
 
+mod stats;
+
+pub use stats::{
+    Counter, MAX_PROGRAMS, MAX_VERDICTS, Program, STATS_SLOTS, Verdict, VerdictKind, stats_slot,
+};
+
 /// Map names as they appear in the object file and as pin names in bpffs.
 pub mod map_names {
     pub const ENDPOINTS: &str = "BEELINE_ENDPOINTS";
@@ -12,18 +18,12 @@ pub mod map_names {
     pub const ALL: [&str; 4] = [ENDPOINTS, REMOTE_CIDRS, NODE_CONFIG, STATS];
 }
 
-/// Program names (function names in the eBPF object), named for where they run.
-pub mod program_names {
-    /// tc ingress of a pod's host-side veth: packets leaving the pod.
-    pub const FROM_POD: &str = "beeline_from_pod";
-    /// tc ingress of the node's uplink: packets arriving from other nodes.
-    pub const FROM_UPLINK: &str = "beeline_from_uplink";
-    /// tc ingress of the VXLAN device: decapsulated packets from other nodes.
-    pub const FROM_OVERLAY: &str = "beeline_from_overlay";
-}
-
 pub const MAX_ENDPOINTS: u32 = 65536;
 pub const MAX_REMOTE_CIDRS: u32 = 16384;
+
+/// Bytes VXLAN adds in front of a frame: outer Ethernet 14 + IPv4 20 +
+/// UDP 8 + VXLAN 8 (RFC 7348).
+pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// Key of `BEELINE_ENDPOINTS`: a pod's IPv4 address in network byte order.
 #[repr(C)]
@@ -91,35 +91,6 @@ pub struct NodeConfig {
     pub vxlan_encap: u16,
 }
 
-/// Index into `BEELINE_STATS`: one slot per program.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StatsSlot {
-    FromPod = 0,
-    FromUplink = 1,
-    FromOverlay = 2,
-}
-
-pub const STATS_SLOTS: u32 = 3;
-
-/// Per-CPU packet counters of one program (`BEELINE_STATS` value).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Delivered into a local pod's netns with `bpf_redirect_peer`.
-    pub redirected_local: u64,
-    /// Sent to a remote node over the underlay with `bpf_redirect_neigh`.
-    pub forwarded_direct: u64,
-    /// Sent to a remote node VXLAN-encapsulated.
-    pub forwarded_tunnel: u64,
-    /// Not ours (unknown destination, non-IPv4, TTL expiring): left to the host stack.
-    pub passed_to_host: u64,
-    /// Too short to hold the headers we parse.
-    pub dropped_malformed: u64,
-    /// A helper failed (redirect, tunnel key, header rewrite).
-    pub dropped_helper_error: u64,
-}
-
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -129,7 +100,7 @@ mod user {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for RemoteNode {}
     unsafe impl aya::Pod for NodeConfig {}
-    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Counter {}
 }
 
 #[cfg(test)]
@@ -145,6 +116,6 @@ mod tests {
         assert_eq!(size_of::<Endpoint>(), 16);
         assert_eq!(size_of::<RemoteNode>(), 8);
         assert_eq!(size_of::<NodeConfig>(), 20);
-        assert_eq!(size_of::<Counters>(), 6 * 8);
+        assert_eq!(size_of::<Counter>(), 16);
     }
 }

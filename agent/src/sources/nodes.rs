@@ -1,12 +1,36 @@
 //! Kubernetes Nodes as the agent needs them: name, IPv4 podCIDRs, InternalIP.
-//! The static source reads a NodeList exactly as `kubectl get nodes -o yaml`
-//! (or `-o json`) prints it, using the same k8s-openapi types as the watcher.
-use std::{net::Ipv4Addr, path::Path};
+//! From a watcher on all Nodes, or from a NodeList file exactly as `kubectl
+//! get nodes -o yaml` (or `-o json`) prints it, through the same k8s-openapi
+//! types.
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, watcher},
+};
 use serde::Deserialize;
+use tokio::{sync::watch, task::JoinHandle};
+
+pub type Snapshot = Vec<NodeRoute>;
+
+/// Nodes from the Kubernetes API (relists, reconnects, deletes).
+pub fn from_kubernetes(client: Client) -> (watch::Receiver<Snapshot>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(Vec::new());
+    let events = watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff();
+    let task = tokio::spawn(super::reflect(events, NodeRoute::from_node, tx));
+    (rx, task)
+}
+
+/// Nodes from a NodeList file, reloaded when it changes.
+pub fn from_file(path: PathBuf) -> Result<(watch::Receiver<Snapshot>, JoinHandle<()>)> {
+    super::watch_file(path, read_node_list)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRoute {

@@ -1,0 +1,159 @@
+//! `beeline-agent run`: loads the datapath, restores what the previous
+//! agent left, then runs the owners, the CNI socket and the health server
+//! until SIGTERM. Pinned maps and links keep pod traffic flowing while no
+//! agent runs.
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use crate::{
+    api::{self, Api},
+    cli::RunArgs,
+    datapath::{self, Datapath},
+    health::{self, Published},
+    metrics::Metrics,
+    owners::{
+        cni_install::CniInstall,
+        endpoints::Registry,
+        nodes::{NetworkConfig, NodeSync},
+    },
+    retire::{self, Retirer},
+    sources,
+    state::EndpointStore,
+    status::Conditions,
+    uplink,
+};
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let (nodes, node_source) = match &args.nodes_file {
+        Some(path) => sources::nodes::from_file(path.clone())?,
+        None => sources::nodes::from_kubernetes(kube_client(args.kubeconfig.as_deref()).await?),
+    };
+    let mut datapath = Datapath::load(&args.bpffs_dir, args.ebpf_debug_logs, args.pod_attach)?;
+    let ebpf_logs = datapath
+        .logger
+        .take()
+        .map(|l| tokio::spawn(datapath::forward_logs(l)));
+    let metrics = Arc::new(Metrics::new());
+    let conditions = Conditions::default();
+    let netlink = uplink::netlink()?;
+
+    let (mut node_sync, node_state) = NodeSync::new(
+        args.node_name.clone(),
+        NetworkConfig {
+            mode: args.mode,
+            vni: args.vni,
+            vxlan_port: args.vxlan_port,
+            vxlan_encap: args.vxlan_encap.into(),
+            pod_mtu: args.pod_mtu,
+            no_masquerade: args.no_masquerade_cidrs.clone(),
+            masquerade: !args.no_masquerade,
+        },
+        netlink.clone(),
+        datapath.programs.clone(),
+        datapath.remote_cidrs,
+        datapath.node_config,
+        metrics.clone(),
+        conditions.clone(),
+    );
+    // The node's own datapath before the pods': a restarted agent swaps its
+    // programs in with every map already filled. Failures are retried by
+    // the owner's loop.
+    let initial = nodes.borrow().clone();
+    if let Err(e) = node_sync.reconcile(&initial).await {
+        warn!("first node sync: {e:#}");
+    }
+    let mut registry = Registry {
+        store: EndpointStore::load(&args.state_dir)?,
+        map: datapath.endpoints,
+        programs: datapath.programs.clone(),
+        netlink: netlink.clone(),
+        retirer: Retirer::start().context("starting the veth retirer")?,
+        node: node_state.clone(),
+        metrics: metrics.clone(),
+        conditions: conditions.clone(),
+    };
+    let report = registry.restore().await?;
+    info!(?report, replaced_maps = ?datapath.replaced_maps, "restored persisted endpoints");
+    for ifname in retire::leftovers(&netlink).await {
+        info!(ifname, "deleting a retired veth left by the previous agent");
+        registry.retirer.retire(ifname);
+    }
+
+    let listener = api::bind(&args.socket)?;
+    info!(
+        socket = %args.socket.display(),
+        node = %args.node_name,
+        state = ?*node_state.borrow(),
+        "agent serving"
+    );
+    let (registry, registry_task) = registry.start();
+    let mut tasks = vec![
+        node_source,
+        registry_task,
+        tokio::spawn(node_sync.run(nodes)),
+        tokio::spawn(
+            CniInstall {
+                bin_dir: args.cni_bin_dir.clone(),
+                binary: args.cni_binary.clone(),
+                conf_dir: args.cni_conf_dir.clone(),
+                socket: args.socket.clone(),
+            }
+            .run(node_state.clone(), metrics.clone()),
+        ),
+        tokio::spawn(api::serve(
+            listener,
+            Api {
+                node_name: args.node_name.clone(),
+                node: node_state.clone(),
+                registry,
+                metrics: metrics.clone(),
+            },
+        )),
+    ];
+    let published = Published {
+        node: node_state,
+        conditions,
+        metrics,
+        bpffs: args.bpffs_dir.clone(),
+    };
+    let health_addr = args.health_addr;
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = health::serve(health_addr, published).await {
+            tracing::error!("health and metrics server: {e:#}");
+        }
+    }));
+    tasks.extend(ebpf_logs);
+
+    shutdown_signal().await;
+    info!("shutting down; pinned maps and links keep pod traffic flowing");
+    for task in tasks {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context(
+            "no node source: pass --nodes-file, or run in a cluster / with a kubeconfig",
+        )?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,270 @@
+//! Attaching programs: pinned TCX links on the node's uplink and VXLAN
+//! device, a cls_bpf filter (or, with `--pod-attach tcx`, a pinned TCX link)
+//! on each pod's host veth. All outlive the agent, and a newer agent swaps
+//! its program in atomically.
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+    },
+    sys::SyscallError,
+};
+use beeline_common::Program;
+use tracing::debug;
+
+use super::LINKS_DIR;
+use crate::cli::PodAttach;
+
+/// Where a pod veth's filter sits in its clsact ingress hook.
+const POD_FILTER_PRIORITY: u16 = 1;
+const POD_FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// The loaded programs, shared by the owners that attach them (the endpoint
+/// registry: pod veths; node sync: uplink and VXLAN device). Every call
+/// holds the lock only for its own netlink or bpf syscalls.
+#[derive(Clone)]
+pub struct Programs(Arc<Mutex<Inner>>);
+
+struct Inner {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    pod_attach: PodAttach,
+}
+
+fn link_pin(bpffs: &Path, ifname: &str, program: Program) -> PathBuf {
+    bpffs
+        .join(LINKS_DIR)
+        .join(format!("{}-{ifname}", program.function()))
+}
+
+impl Inner {
+    fn program(&mut self, program: Program) -> Result<&mut SchedClassifier> {
+        let name = program.function();
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?
+            .try_into()?)
+    }
+}
+
+impl Programs {
+    pub fn new(ebpf: Ebpf, bpffs: &Path, pod_attach: PodAttach) -> Programs {
+        Programs(Arc::new(Mutex::new(Inner {
+            ebpf,
+            bpffs: bpffs.to_path_buf(),
+            pod_attach,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn pod_attach(&self) -> PodAttach {
+        self.lock().pod_attach
+    }
+
+    /// Whether a pinned link of `program` on `ifname` exists.
+    pub fn has_link(&self, ifname: &str, program: Program) -> bool {
+        link_pin(&self.lock().bpffs, ifname, program).exists()
+    }
+
+    /// Attaches `program` at tc ingress of `ifname` through a pinned link, or
+    /// atomically swaps the program of an existing pinned link.
+    pub fn attach_link(&self, ifname: &str, program: Program) -> Result<()> {
+        let mut inner = self.lock();
+        let pin = link_pin(&inner.bpffs, ifname, program);
+        let prog = inner.program(program)?;
+        let existing = match PinnedLink::from_pin(&pin) {
+            Ok(old) => Some(SchedClassifierLink::try_from(FdLink::from(old))?),
+            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                if io_error.kind() == io::ErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading pin {}", pin.display())),
+        };
+        // Swap the program in place; a link whose device is gone (recreated
+        // behind our back) cannot be updated and is replaced.
+        let swapped = existing.and_then(|link| match prog.attach_to_link(link) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                debug!(
+                    ifname,
+                    ?program,
+                    "replacing a pinned link that cannot be updated: {e}"
+                );
+                None
+            }
+        });
+        let link_id = match swapped {
+            Some(id) => id,
+            None => prog
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .with_context(|| format!("attaching {} to {ifname}", program.function()))?,
+        };
+        let link: FdLink = prog.take_link(link_id)?.try_into()?;
+        // Re-pinning an updated link: drop the old pin first.
+        let _ = std::fs::remove_file(&pin);
+        link.pin(&pin)
+            .with_context(|| format!("pinning the link at {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Removes the pinned link, which detaches the program (gone already is fine).
+    pub fn detach_link(&self, ifname: &str, program: Program) -> Result<()> {
+        match std::fs::remove_file(link_pin(&self.lock().bpffs, ifname, program)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Attaches the from-pod program to a pod's host veth the configured
+    /// way, or swaps this process's program into an existing attachment.
+    pub fn attach_pod(&self, ifname: &str) -> Result<()> {
+        match self.pod_attach() {
+            PodAttach::Tc => self.attach_filter(ifname),
+            PodAttach::Tcx => self.attach_link(ifname, Program::FromPod),
+        }
+    }
+
+    /// Removes an attachment of the other kind, left by an agent that ran
+    /// with the other `--pod-attach` (only restored pods can have one).
+    pub fn drop_other_pod_attach(&self, ifname: &str) -> Result<()> {
+        match self.pod_attach() {
+            PodAttach::Tc => self.detach_link(ifname, Program::FromPod),
+            PodAttach::Tcx => detach_from_pod_veth(ifname),
+        }
+    }
+
+    /// Removes the from-pod program from a host veth, whichever way it was
+    /// attached (gone already is fine).
+    pub fn detach_pod(&self, ifname: &str) -> Result<()> {
+        self.detach_link(ifname, Program::FromPod)?;
+        detach_from_pod_veth(ifname)
+    }
+
+    /// Whether a pod's host veth runs the from-pod program.
+    pub async fn pod_attached(
+        &self,
+        netlink: &rtnetlink::Handle,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<bool> {
+        if self.has_link(ifname, Program::FromPod) {
+            return Ok(true);
+        }
+        Ok(pod_program_id(netlink, ifindex).await?.is_some())
+    }
+
+    /// A cls_bpf filter on the veth's clsact qdisc. A TCX attach waits out a
+    /// full RCU grace period while holding the RTNL lock (about 9 ms on a
+    /// 2-CPU VM, stalling every other netlink user on the node); a filter on
+    /// a fresh clsact qdisc costs an expedited one. It lives as long as the
+    /// veth.
+    fn attach_filter(&self, ifname: &str) -> Result<()> {
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
+        }
+        let mut inner = self.lock();
+        let prog = inner.program(Program::FromPod)?;
+        let options = NlOptions {
+            priority: POD_FILTER_PRIORITY,
+            handle: POD_FILTER_HANDLE,
+            ..Default::default()
+        };
+        let id = match prog.attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(options),
+        ) {
+            Ok(id) => id,
+            Err(ProgramError::TcError(TcError::NetlinkError(e)))
+                if e.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                debug!(ifname, "replacing the program of a pod filter");
+                let existing = SchedClassifierLink::attached(
+                    ifname,
+                    TcAttachType::Ingress,
+                    POD_FILTER_PRIORITY,
+                    POD_FILTER_HANDLE,
+                    None,
+                )?;
+                prog.attach_to_link(existing)?
+            }
+            Err(e) => return Err(e).with_context(|| format!("attaching to {ifname}")),
+        };
+        // Dropping the link would delete the filter: it must outlive us.
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+}
+
+/// Removes the from-pod cls_bpf filter of a host veth (gone already is fine).
+pub fn detach_from_pod_veth(ifname: &str) -> Result<()> {
+    match tc::qdisc_detach_program(ifname, TcAttachType::Ingress, Program::FromPod.function()) {
+        Ok(()) => Ok(()),
+        Err(TcError::IoError(e))
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        Err(TcError::NetlinkError(e))
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("detaching from {ifname}")),
+    }
+}
+
+/// The id of the from-pod program filtering ingress of `ifindex`, if any.
+pub async fn pod_program_id(netlink: &rtnetlink::Handle, ifindex: u32) -> Result<Option<u32>> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+    let mut filters = netlink
+        .traffic_filter(ifindex as i32)
+        .get()
+        .ingress()
+        .execute();
+    while let Some(filter) = filters.try_next().await? {
+        let options = filter.attributes.iter().find_map(|a| match a {
+            TcAttribute::Options(o) => Some(o),
+            _ => None,
+        });
+        let (mut name, mut id) = (None, None);
+        for option in options.into_iter().flatten() {
+            match option {
+                TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.as_str()),
+                TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = Some(*i),
+                _ => {}
+            }
+        }
+        // The kernel reports the program's name as "<name>" or "<section>:[<name>]".
+        if name.is_some_and(|n| n.contains(Program::FromPod.function())) {
+            return Ok(id);
+        }
+    }
+    Ok(None)
+}

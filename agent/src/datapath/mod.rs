@@ -1,0 +1,156 @@
+//! The eBPF datapath: loads the embedded object (replacing pinned maps of
+//! another layout), pins its maps under the bpffs dir (reusing them across
+//! restarts), and hands the maps and programs to their owners.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use aya::{EbpfLoader, programs::SchedClassifier};
+use beeline_common::{Program, map_names};
+use tracing::info;
+
+use crate::{
+    cli::PodAttach,
+    maps::{self, EndpointsMap, NodeConfigMap, RemoteCidrsMap},
+};
+
+mod attach;
+pub mod layout;
+
+pub use attach::{Programs, detach_from_pod_veth, pod_program_id};
+
+/// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/beeline.bpf.o"));
+
+/// Pinned TCX links live here, one per (program, interface).
+pub const LINKS_DIR: &str = "links";
+
+pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// The loaded datapath, split by owner.
+pub struct Datapath {
+    pub programs: Programs,
+    pub endpoints: EndpointsMap,
+    pub remote_cidrs: RemoteCidrsMap,
+    pub node_config: NodeConfigMap,
+    /// Reader of the programs' aya-log records (see [`forward_logs`]).
+    pub logger: Option<EbpfLogger>,
+    /// Maps whose old pins had another layout (an older agent's).
+    pub replaced_maps: Vec<&'static str>,
+}
+
+impl Datapath {
+    /// `debug_logs` turns on the programs' debug-level aya-log records
+    /// (they only log on failure paths); off, each costs one compare.
+    pub fn load(bpffs: &Path, debug_logs: bool, pod_attach: PodAttach) -> Result<Datapath> {
+        ensure_bpffs(bpffs)?;
+        std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
+        let declared = layout::declared(OBJECT)?;
+        let replaced_maps = layout::unpin_outdated(bpffs, &declared)?;
+        let pins: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, bpffs.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        let log_level: u8 = if debug_logs {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .context("loading the eBPF object into the kernel")?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!("eBPF logs unavailable: {e}");
+                None
+            }
+        };
+        for program in Program::ALL {
+            let name = program.function();
+            let loaded: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            loaded
+                .load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        let endpoints = EndpointsMap::new(maps::take(&mut ebpf, map_names::ENDPOINTS)?)?;
+        let remote_cidrs = RemoteCidrsMap::new(maps::take(&mut ebpf, map_names::REMOTE_CIDRS)?)?;
+        let node_config = NodeConfigMap::new(maps::take(&mut ebpf, map_names::NODE_CONFIG)?)?;
+        info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
+        Ok(Datapath {
+            programs: Programs::new(ebpf, bpffs, pod_attach),
+            endpoints,
+            remote_cidrs,
+            node_config,
+            logger,
+            replaced_maps,
+        })
+    }
+}
+
+/// Forwards the programs' aya-log records into this process's logs.
+pub async fn forward_logs(logger: EbpfLogger) {
+    let mut logger =
+        // SAFETY: the ring buffer's fd is owned by `logger`, which the
+        // AsyncFd owns: it stays open and the same for the AsyncFd's life.
+        match unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("eBPF logs unavailable: {e}");
+                return;
+            }
+        };
+    loop {
+        match logger.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!("eBPF log reader: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when the
+/// host has not (as on a fresh VM), and refuses any other filesystem.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const DEFAULT_MOUNT: &str = "/sys/fs/bpf";
+    if dir.starts_with(DEFAULT_MOUNT) && !is_bpffs(Path::new(DEFAULT_MOUNT)) {
+        info!("mounting bpffs on {DEFAULT_MOUNT}");
+        nix::mount::mount(
+            Some("bpf"),
+            DEFAULT_MOUNT,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .context("cannot mount bpffs on /sys/fs/bpf")?;
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the bpffs dir {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        bail!(
+            "{} is not on a bpf filesystem; mount one (mount -t bpf bpf /sys/fs/bpf) or pick \
+             a --bpffs-dir under a bpffs mount",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}

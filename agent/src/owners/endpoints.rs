@@ -1,0 +1,372 @@
+//! The endpoint registry, behind the CNI socket: the one owner of pod
+//! endpoints, their persisted records, their map entries and the program on
+//! each pod's host veth. Its task serves requests one at a time; its resync
+//! repairs what was changed behind its back and drops endpoints whose pod
+//! is gone.
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+
+use anyhow::{Context, Result};
+use beeline_proto::{ApiError, Endpoint, Request};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::{Pace, Pass, RESYNC_PERIOD, repaired};
+use crate::{
+    datapath::Programs,
+    maps::EndpointsMap,
+    metrics::Metrics,
+    retire::Retirer,
+    state::{AttachmentKey, EndpointStore, key_of},
+    status::{Conditions, NodeState},
+    uplink,
+};
+
+const OWNER: &str = "endpoints";
+
+/// A request and where its answer goes.
+pub type Call = (Request, oneshot::Sender<Value>);
+
+/// What the socket server holds to reach the registry.
+#[derive(Clone)]
+pub struct RegistryHandle(mpsc::Sender<Call>);
+
+impl RegistryHandle {
+    /// The registry's answer; `None` if it is gone.
+    pub async fn call(&self, request: Request) -> Option<Value> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send((request, tx)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// What a restore or resync changed, for logs and tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub restored: usize,
+    pub removed_stale: Vec<String>,
+    pub removed_orphan_entries: Vec<Ipv4Addr>,
+}
+
+pub struct Registry {
+    pub store: EndpointStore,
+    pub map: EndpointsMap,
+    pub programs: Programs,
+    pub netlink: rtnetlink::Handle,
+    pub retirer: Retirer,
+    pub node: watch::Receiver<NodeState>,
+    pub metrics: Arc<Metrics>,
+    pub conditions: Conditions,
+}
+
+/// Whether an endpoint's host veth is still the one it registered.
+#[derive(Debug, PartialEq, Eq)]
+enum Veth {
+    Present,
+    /// No such device, or the name now belongs to another device.
+    Gone,
+}
+
+impl Registry {
+    /// The registry's task, and the handle to reach it.
+    pub fn start(self) -> (RegistryHandle, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(64);
+        (RegistryHandle(tx), tokio::spawn(self.run(rx)))
+    }
+
+    async fn run(mut self, mut calls: mpsc::Receiver<Call>) {
+        let mut pace = Pace::new(OWNER, RESYNC_PERIOD);
+        loop {
+            tokio::select! {
+                call = calls.recv() => {
+                    let Some((request, reply)) = call else { return };
+                    let _ = reply.send(self.handle(request).await);
+                }
+                _ = pace.due() => {
+                    let result = self.resync().await;
+                    pace.after(&result, &self.metrics);
+                }
+            }
+        }
+    }
+
+    /// At start: fills the map with every persisted endpoint whose veth is
+    /// alive, then swaps this agent's program onto their veths (maps first,
+    /// so the new programs never see an empty map), and drops the rest:
+    /// endpoints whose veth vanished (a DEL while the agent was down) and map
+    /// entries nobody owns.
+    pub async fn restore(&mut self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let mut live = Vec::new();
+        for ep in self.store.list().cloned().collect::<Vec<_>>() {
+            match self.veth(&ep).await? {
+                Veth::Present => {
+                    self.map.upsert(ep.ip, map_entry(&ep))?;
+                    live.push(ep);
+                }
+                Veth::Gone => self.remove_stale(&ep, &mut report)?,
+            }
+        }
+        for ep in &live {
+            self.programs
+                .attach_pod(&ep.host_ifname)
+                .and_then(|()| self.programs.drop_other_pod_attach(&ep.host_ifname))
+                .with_context(|| format!("restoring endpoint {}", ep.ip))?;
+            report.restored += 1;
+        }
+        self.remove_orphans(&mut report)?;
+        self.metrics.endpoints.set(self.store.len() as i64);
+        self.metrics
+            .set_map_fill("endpoints", self.store.len(), beeline_common::MAX_ENDPOINTS);
+        Ok(report)
+    }
+
+    async fn handle(&mut self, request: Request) -> Value {
+        fn reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Value {
+            serde_json::to_value(r).expect("responses serialize")
+        }
+        let verb = request.verb();
+        let response = match request {
+            Request::NodeInfo => reply(Err::<(), _>(ApiError::new(
+                "node_info is answered by the socket server",
+            ))),
+            Request::Register { endpoint } => reply(self.register(endpoint).await),
+            Request::Unregister {
+                container_id,
+                ifname,
+            } => reply(self.unregister(&(container_id, ifname))),
+            Request::CheckEndpoint {
+                container_id,
+                ifname,
+            } => reply(Ok::<_, ApiError>(
+                self.check_endpoint(&(container_id, ifname)).await,
+            )),
+            Request::ListEndpoints => reply(Ok::<_, ApiError>(
+                self.store.list().cloned().collect::<Vec<_>>(),
+            )),
+            Request::RetireLink { ifname } => reply(self.retire_link(ifname)),
+        };
+        self.metrics
+            .count_request(verb, response.get("Ok").is_some());
+        self.metrics.endpoints.set(self.store.len() as i64);
+        self.metrics
+            .set_map_fill("endpoints", self.store.len(), beeline_common::MAX_ENDPOINTS);
+        response
+    }
+
+    async fn register(&mut self, ep: Endpoint) -> Result<(), ApiError> {
+        let node = self.node.borrow().clone();
+        if let Some(reason) = node.not_ready {
+            return Err(ApiError::not_ready(reason));
+        }
+        let pod_cidr = node.pod_cidr.expect("a ready node has a podCIDR");
+        if !pod_cidr.contains(&ep.ip) {
+            return Err(ApiError::new(format!(
+                "{} is outside this node's podCIDR {pod_cidr}: other nodes would not route it here",
+                ep.ip
+            )));
+        }
+        if let Some(other) = self.store.by_ip(ep.ip)
+            && key_of(other) != key_of(&ep)
+        {
+            return Err(ApiError::new(format!(
+                "{} is already used by container {} ({})",
+                ep.ip, other.container_id, other.ifname
+            )));
+        }
+        match self.veth(&ep).await {
+            Ok(Veth::Present) => {}
+            Ok(Veth::Gone) => {
+                return Err(ApiError::new(format!(
+                    "host interface {} with index {} does not exist in the agent's netns",
+                    ep.host_ifname, ep.host_ifindex
+                )));
+            }
+            Err(e) => {
+                return Err(ApiError::not_ready(format!(
+                    "looking up {}: {e:#}",
+                    ep.host_ifname
+                )));
+            }
+        }
+        self.install(&ep).map_err(|e| {
+            self.uninstall(&ep);
+            ApiError::new(format!("cannot install endpoint {}: {e:#}", ep.ip))
+        })?;
+        let replaced = self.store.insert(ep.clone()).map_err(|e| {
+            self.uninstall(&ep);
+            ApiError::new(format!("cannot persist endpoint {}: {e:#}", ep.ip))
+        })?;
+        if let Some(old) = replaced
+            && old.ip != ep.ip
+        {
+            let _ = self.map.remove(old.ip);
+        }
+        info!(container = %ep.container_id, ip = %ep.ip, host_ifname = %ep.host_ifname, pod = ?ep.pod, "endpoint registered");
+        Ok(())
+    }
+
+    fn unregister(&mut self, key: &AttachmentKey) -> Result<Option<Endpoint>, ApiError> {
+        let Some(ep) = self.store.get(key).cloned() else {
+            return Ok(None);
+        };
+        self.uninstall(&ep);
+        self.store
+            .remove(key)
+            .map_err(|e| ApiError::new(format!("cannot persist the removal: {e:#}")))?;
+        info!(container = %ep.container_id, ip = %ep.ip, "endpoint unregistered");
+        Ok(Some(ep))
+    }
+
+    /// The differences between an endpoint's record and the kernel.
+    async fn check_endpoint(&self, key: &AttachmentKey) -> Option<Vec<String>> {
+        let ep = self.store.get(key)?;
+        let mut problems = Vec::new();
+        match self.veth(ep).await {
+            Ok(Veth::Present) => {}
+            Ok(Veth::Gone) => problems.push(format!(
+                "{} with index {} does not exist",
+                ep.host_ifname, ep.host_ifindex
+            )),
+            Err(e) => problems.push(format!("looking up {}: {e:#}", ep.host_ifname)),
+        }
+        match self.map.get(ep.ip) {
+            Ok(Some(entry)) if entry == map_entry(ep) => {}
+            Ok(Some(_)) => problems.push(format!("the endpoint map entry for {} differs", ep.ip)),
+            Ok(None) => problems.push(format!("the endpoint map has no entry for {}", ep.ip)),
+            Err(e) => problems.push(format!("reading the endpoint map: {e:#}")),
+        }
+        match self
+            .programs
+            .pod_attached(&self.netlink, &ep.host_ifname, ep.host_ifindex)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => problems.push(format!("no program is attached to {}", ep.host_ifname)),
+            Err(e) => problems.push(format!("listing the filters of {}: {e:#}", ep.host_ifname)),
+        }
+        Some(problems)
+    }
+
+    fn retire_link(&mut self, ifname: String) -> Result<(), ApiError> {
+        if !ifname.starts_with(beeline_proto::RETIRED_PREFIX) {
+            return Err(ApiError::new(format!(
+                "{ifname} is not a retired pod veth (those are named {}...)",
+                beeline_proto::RETIRED_PREFIX
+            )));
+        }
+        self.retirer.retire(ifname);
+        self.metrics.count_action("retired_veth", 1);
+        Ok(())
+    }
+
+    /// Brings the kernel in line with the endpoints: drops those whose veth
+    /// is gone, puts back missing or changed map entries and detached
+    /// programs, removes map entries nobody owns. What it repaired stays
+    /// listed in the conditions until a pass finds nothing.
+    async fn resync(&mut self) -> Result<Pass> {
+        let mut report = ReconcileReport::default();
+        let mut found: BTreeMap<String, String> = BTreeMap::new();
+        let mut first_error = None;
+        for ep in self.store.list().cloned().collect::<Vec<_>>() {
+            match self.veth(&ep).await {
+                Ok(Veth::Present) => {}
+                Ok(Veth::Gone) => {
+                    self.remove_stale(&ep, &mut report)?;
+                    continue;
+                }
+                // Never "gone" on a failed lookup (out of file descriptors,
+                // say): the next pass looks again.
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            }
+            if self.map.get(ep.ip)? != Some(map_entry(&ep)) {
+                self.map.upsert(ep.ip, map_entry(&ep))?;
+                repaired(
+                    &self.metrics,
+                    &mut found,
+                    "endpoint_map_entry",
+                    &ep.ip.to_string(),
+                );
+            }
+            match self
+                .programs
+                .pod_attached(&self.netlink, &ep.host_ifname, ep.host_ifindex)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.programs.attach_pod(&ep.host_ifname)?;
+                    repaired(&self.metrics, &mut found, "pod_program", &ep.host_ifname);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.remove_orphans(&mut report)?;
+        if !report.removed_stale.is_empty() || !report.removed_orphan_entries.is_empty() {
+            info!(?report, "resync removed stale state");
+        }
+        self.conditions.publish(OWNER, &found);
+        self.metrics.endpoints.set(self.store.len() as i64);
+        match first_error {
+            Some(e) => Err(e),
+            None if found.is_empty() => Ok(Pass::Done),
+            None => Ok(Pass::Repaired),
+        }
+    }
+
+    fn remove_stale(&mut self, ep: &Endpoint, report: &mut ReconcileReport) -> Result<()> {
+        info!(container = %ep.container_id, ip = %ep.ip, host_ifname = %ep.host_ifname, "dropping an endpoint whose veth is gone");
+        self.uninstall(ep);
+        self.store.remove(&key_of(ep))?;
+        report.removed_stale.push(ep.container_id.clone());
+        self.metrics.count_action("removed_stale_endpoint", 1);
+        Ok(())
+    }
+
+    fn remove_orphans(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        for (ip, _) in self.map.entries()? {
+            if self.store.by_ip(ip).is_none() {
+                self.map.remove(ip)?;
+                report.removed_orphan_entries.push(ip);
+                self.metrics.count_action("removed_orphan_map_entry", 1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn veth(&self, ep: &Endpoint) -> Result<Veth> {
+        match uplink::link_index(&self.netlink, &ep.host_ifname).await? {
+            Some(index) if index == ep.host_ifindex => Ok(Veth::Present),
+            _ => Ok(Veth::Gone),
+        }
+    }
+
+    fn install(&mut self, ep: &Endpoint) -> Result<()> {
+        self.programs.attach_pod(&ep.host_ifname)?;
+        self.map.upsert(ep.ip, map_entry(ep))
+    }
+
+    /// Best effort: used on failure paths and for endpoints whose veth is gone.
+    fn uninstall(&mut self, ep: &Endpoint) {
+        if let Err(e) = self.map.remove(ep.ip) {
+            warn!("removing map entry {}: {e:#}", ep.ip);
+        }
+        if let Err(e) = self.programs.detach_pod(&ep.host_ifname) {
+            warn!("detaching from {}: {e:#}", ep.host_ifname);
+        }
+    }
+}
+
+/// The map entry an endpoint's record calls for.
+fn map_entry(ep: &Endpoint) -> beeline_common::Endpoint {
+    beeline_common::Endpoint {
+        host_ifindex: ep.host_ifindex,
+        pod_mac: ep.pod_mac.0,
+        host_mac: ep.host_mac.0,
+    }
+}
