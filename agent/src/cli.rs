@@ -58,7 +58,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the node daemon.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the endpoints in the pinned endpoint map, with their pods.
     Endpoints(EndpointsArgs),
     /// List the remote podCIDRs and the node each one is forwarded to.
@@ -131,6 +131,29 @@ pub struct RunArgs {
     /// Serve /healthz, /readyz and /metrics here.
     #[arg(long, default_value = "127.0.0.1:9962")]
     pub health_addr: std::net::SocketAddr,
+    /// How often every owner compares the kernel with what it should be and
+    /// repairs the difference (`500ms`, `10s`, `1m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub resync_period: std::time::Duration,
+}
+
+/// `<number><ms|s|m>`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 10s or 1m"))?;
+    let duration = match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        _ => return Err(format!("{s:?}: the unit must be ms, s or m")),
+    };
+    if duration.is_zero() {
+        return Err("the period must be longer than zero".into());
+    }
+    Ok(duration)
 }
 
 #[derive(Args)]

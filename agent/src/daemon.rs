@@ -57,13 +57,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics.clone(),
         conditions.clone(),
     );
-    // The node's own datapath before the pods': a restarted agent swaps its
-    // programs in with every map already filled. Failures are retried by
-    // the owner's loop.
-    let initial = nodes.borrow().clone();
-    if let Err(e) = node_sync.reconcile(&initial).await {
-        warn!("first node sync: {e:#}");
-    }
     let mut registry = Registry {
         store: EndpointStore::load(&args.state_dir)?,
         map: datapath.endpoints,
@@ -74,7 +67,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics: metrics.clone(),
         conditions: conditions.clone(),
     };
-    let report = registry.restore().await?;
+    // Every map is filled before any program of this agent is attached (a
+    // restarted or upgraded agent swaps its programs in without a packet
+    // seeing an empty map): endpoints, then the node's maps and programs,
+    // then the pods' programs. Node sync failures are retried by its loop.
+    let (live, mut report) = registry.restore_maps().await?;
+    let initial = nodes.borrow().clone();
+    if let Err(e) = node_sync.reconcile(&initial).await {
+        warn!("first node sync: {e:#}");
+    }
+    registry.restore_programs(&live, &mut report)?;
     info!(?report, replaced_maps = ?datapath.replaced_maps, "restored persisted endpoints");
     for ifname in retire::leftovers(&netlink).await {
         info!(ifname, "deleting a retired veth left by the previous agent");
@@ -88,11 +90,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         state = ?*node_state.borrow(),
         "agent serving"
     );
-    let (registry, registry_task) = registry.start();
+    let (registry, registry_task) = registry.start(args.resync_period);
     let mut tasks = vec![
         node_source,
         registry_task,
-        tokio::spawn(node_sync.run(nodes)),
+        tokio::spawn(node_sync.run(nodes, args.resync_period)),
         tokio::spawn(
             CniInstall {
                 bin_dir: args.cni_bin_dir.clone(),
@@ -100,7 +102,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 conf_dir: args.cni_conf_dir.clone(),
                 socket: args.socket.clone(),
             }
-            .run(node_state.clone(), metrics.clone()),
+            .run(node_state.clone(), metrics.clone(), args.resync_period),
         ),
         tokio::spawn(api::serve(
             listener,

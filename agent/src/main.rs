@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
             .enable_all()
             .build()
             .context("starting the runtime")
-            .and_then(|rt| rt.block_on(daemon::run(args))),
+            .and_then(|rt| rt.block_on(daemon::run(*args))),
         Command::Endpoints(args) => inspect::endpoints(&args.inspect.bpffs_dir, &args.state_dir)
             .map(|rows| print(args.inspect.json, &rows[..], inspect::print_endpoints)),
         Command::Nodes(args) => inspect::remote_cidrs(&args.bpffs_dir)

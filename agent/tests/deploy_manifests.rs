@@ -273,7 +273,7 @@ impl Manifests {
         let cli = Cli::try_parse_from(std::iter::once("beeline-agent".to_owned()).chain(args))
             .unwrap_or_else(|e| panic!("the DaemonSet's args do not parse:\n{e}"));
         match cli.command {
-            Command::Run(run) => run,
+            Command::Run(run) => *run,
             _ => panic!("the DaemonSet must run `beeline-agent run`"),
         }
     }

@@ -11,7 +11,8 @@ use beeline_proto::RETIRED_PREFIX;
 use serde_json::{Value, json};
 
 use crate::{
-    cni::{CniOutput, exec_cni},
+    cni::CniOutput,
+    cni::exec_cni_binary,
     netns::NetNs,
     util::{bin, eventually, require_root, run, unique},
 };
@@ -25,6 +26,9 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub bpffs: BpffsDir,
     pub agent: Option<AgentProcess>,
+    /// Where this node's `beeline-agent` and `beeline` come from: this
+    /// build's unless a test runs another release.
+    pub binaries: Option<PathBuf>,
 }
 
 impl Node {
@@ -53,6 +57,7 @@ impl Node {
             dir: tempfile::tempdir().unwrap(),
             bpffs: BpffsDir::new(),
             agent: None,
+            binaries: None,
         }
     }
 
@@ -109,6 +114,14 @@ impl Node {
     }
 
     /// Starts the agent and waits only for its socket.
+    /// This node's copy of `name` (`beeline-agent` or `beeline`).
+    pub fn binary(&self, name: &str) -> PathBuf {
+        match &self.binaries {
+            Some(dir) => dir.join(name),
+            None => bin(name),
+        }
+    }
+
     pub fn start_agent_unready(&mut self, extra_args: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         self.agent = Some(AgentProcess::start(self, extra_args));
@@ -143,7 +156,44 @@ impl Node {
         netns: Option<&Path>,
         ifname: &str,
     ) -> CniOutput {
-        exec_cni(&self.ns, command, conf, container_id, netns, ifname)
+        exec_cni_binary(
+            &self.binary("beeline"),
+            &self.ns,
+            command,
+            conf,
+            container_id,
+            netns,
+            ifname,
+        )
+    }
+
+    /// `GET path` on the agent's health server (127.0.0.1:9962 in the
+    /// node's netns): the status code and body.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        self.ns.enter(|| {
+            let mut conn =
+                std::net::TcpStream::connect("127.0.0.1:9962").expect("the health server");
+            write!(
+                conn,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            conn.read_to_string(&mut out).unwrap();
+            let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+            (status, body)
+        })
+    }
+
+    /// The value of the Prometheus series `series` (e.g.
+    /// `beeline_repairs_total{kind="pod_program"}`), 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn agent_cli(&self, subcommand: &str) -> Value {
@@ -366,7 +416,7 @@ impl AgentProcess {
         use std::os::unix::process::CommandExt;
         let child = node
             .ns
-            .cmd(bin("beeline-agent"))
+            .cmd(node.binary("beeline-agent"))
             // Its own process group: a Ctrl-C meant for the test or demo
             // must not kill it before the cleanup runs.
             .process_group(0)
@@ -411,6 +461,11 @@ impl AgentProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the agent process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|status| status.is_none())
     }
 
     pub fn pid(&self) -> u32 {

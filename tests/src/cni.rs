@@ -50,13 +50,44 @@ pub fn exec_cni(
     netns: Option<&Path>,
     ifname: &str,
 ) -> CniOutput {
+    exec_cni_binary(
+        &bin("beeline"),
+        host_ns,
+        command,
+        conf,
+        container_id,
+        netns,
+        ifname,
+    )
+}
+
+/// The pod identity the kubelet passes in CNI_ARGS, made up for a container:
+/// namespace `default`, name `pod-<container id>`.
+pub fn kubelet_cni_args(container_id: &str) -> String {
+    format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=pod-{container_id};\
+         K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{container_id}"
+    )
+}
+
+/// [`exec_cni`] with a given `beeline` binary (the previous release's, say).
+pub fn exec_cni_binary(
+    binary: &Path,
+    host_ns: &NetNs,
+    command: &str,
+    conf: &Value,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+) -> CniOutput {
     use std::io::Write;
-    let mut cmd = host_ns.cmd(bin("beeline"));
+    let mut cmd = host_ns.cmd(binary);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_IFNAME", ifname)
+        .env("CNI_ARGS", kubelet_cni_args(container_id))
         .env("CNI_PATH", "/opt/cni/bin:/usr/lib/cni")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -1,4 +1,5 @@
-//! TCP traffic between namespaces: echo, intact bulk transfer, throughput.
+//! Traffic between namespaces: TCP echo, intact bulk transfer, throughput,
+//! and a UDP probe that counts every lost packet.
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
@@ -167,4 +168,101 @@ pub fn tcp_throughput(
         Ok(())
     };
     tcp_one_way(server, server_ip, client, sink, send)
+}
+
+/// Numbered UDP datagrams from `client` to `server_ip` in `server`, every
+/// `interval` until [`UdpProbe::finish`]: counts what arrived, so a test can
+/// require that not one packet was lost (TCP would hide a loss behind a
+/// retransmission).
+pub struct UdpProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<std::io::Result<u64>>,
+    receiver: std::thread::JoinHandle<std::io::Result<u64>>,
+}
+
+impl UdpProbe {
+    pub fn start(
+        server: &NetNs,
+        server_ip: Ipv4Addr,
+        client: &NetNs,
+        interval: Duration,
+    ) -> UdpProbe {
+        use std::{
+            net::UdpSocket,
+            sync::{
+                Arc,
+                atomic::{AtomicBool, Ordering},
+            },
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = server
+            .enter(|| UdpSocket::bind(SocketAddr::from((server_ip, 0))))
+            .expect("bind the probe's receiver");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let sending = client
+            .enter(|| UdpSocket::bind("0.0.0.0:0"))
+            .expect("bind the probe's sender");
+        let done = stop.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let (mut received, mut quiet_since) = (0u64, None::<Instant>);
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(_) => {
+                        received += 1;
+                        quiet_since = None;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        // Stopped and nothing in flight for 300 ms: done.
+                        let since = *quiet_since.get_or_insert_with(Instant::now);
+                        if done.load(Ordering::Relaxed)
+                            && since.elapsed() > Duration::from_millis(300)
+                        {
+                            return Ok(received);
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        let done = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                sending.send_to(&sent.to_be_bytes(), addr)?;
+                sent += 1;
+                std::thread::sleep(interval);
+            }
+            Ok(sent)
+        });
+        UdpProbe {
+            stop,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Stops sending; (sent, received) once the last datagram had time to land.
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self
+            .sender
+            .join()
+            .unwrap()
+            .expect("the probe's sender failed");
+        let received = self
+            .receiver
+            .join()
+            .unwrap()
+            .expect("the probe's receiver failed");
+        (sent, received)
+    }
 }

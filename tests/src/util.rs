@@ -46,6 +46,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The previous release's binaries (`cargo xtask build-previous`, which
+/// `cargo xtask test` runs), for the upgrade test.
+pub fn previous_bin_dir() -> PathBuf {
+    let dir = workspace_root().join("target/previous/bin");
+    assert!(
+        dir.join("beeline-agent").exists() && dir.join("beeline").exists(),
+        "the previous release's binaries are missing from {}: run `cargo xtask build-previous`",
+        dir.display()
+    );
+    dir
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()

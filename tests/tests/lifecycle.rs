@@ -250,22 +250,6 @@ fn a_pod_deleted_while_the_agent_was_down_is_cleaned_up_on_start() {
     kept.del(&node);
 }
 
-fn http_get(ns: &NetNs, path: &str) -> (u16, String) {
-    ns.enter(|| {
-        let mut conn = TcpStream::connect("127.0.0.1:9962").expect("health server");
-        write!(
-            conn,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        conn.read_to_string(&mut out).unwrap();
-        let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-        (status, body)
-    })
-}
-
 #[test]
 fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
     require_root();
@@ -279,11 +263,11 @@ fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
     node.start_agent_unready(&[&conf_dir_arg, &bin_dir_arg]);
     let conflist = conf_dir.join("10-beeline.conflist");
 
-    assert!(eventually(Duration::from_secs(5), || http_get(
-        &node.ns, "/healthz"
-    )
-    .0 == 200));
-    let (status, body) = http_get(&node.ns, "/readyz");
+    assert!(eventually(Duration::from_secs(5), || node
+        .http_get("/healthz")
+        .0
+        == 200));
+    let (status, body) = node.http_get("/readyz");
     assert_eq!(status, 503);
     assert!(body.contains("no podCIDR"), "{body}");
     std::thread::sleep(Duration::from_millis(500));
@@ -294,7 +278,7 @@ fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
 
     node.write_nodes_file(&[(name.as_str(), Some("10.244.1.0/24"), node.ip)]);
     assert!(eventually(Duration::from_secs(10), || conflist.exists()));
-    assert_eq!(http_get(&node.ns, "/readyz").0, 200);
+    assert_eq!(node.http_get("/readyz").0, 200);
     let conf: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&conflist).unwrap()).unwrap();
     assert_eq!(conf["plugins"][0]["type"], "beeline");
@@ -314,7 +298,7 @@ fn the_cni_config_appears_only_when_ready_and_uninstall_removes_everything() {
 
     let pod = Pod::add(&node, "1.1.0");
     assert!(pod.ns.ping(Ipv4Addr::new(192, 168, 90, 1), 2));
-    let (status, metrics) = http_get(&node.ns, "/metrics");
+    let (status, metrics) = node.http_get("/metrics");
     assert_eq!(status, 200);
     for needle in [
         "beeline_endpoints 1",
@@ -420,52 +404,6 @@ fn bpftool_prints_the_field_names_of_every_pinned_map() {
             );
         }
     }
-    pod.del(&node);
-}
-
-/// An older agent's node config map (16-byte values, before the VXLAN port
-/// and encapsulation fields) is still pinned: aya would reuse it and the
-/// verifier would reject the programs. The agent replaces it.
-#[test]
-fn a_pinned_map_with_an_older_layout_is_replaced_at_start() {
-    require_root();
-    let mut node = Node::new("10.244.1.0/24", Ipv4Addr::new(192, 168, 91, 1));
-    std::fs::create_dir_all(&node.bpffs.path).unwrap();
-    let pin = node.bpffs.path.join("BEELINE_NODE_CONFIG");
-    run(Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&pin)
-        .args([
-            "type",
-            "array",
-            "key",
-            "4",
-            "value",
-            "16",
-            "entries",
-            "1",
-            "name",
-            "BEELINE_NODE_C",
-        ]));
-    node.start_agent(&["--mode", "vxlan"]);
-    let show = run(Command::new("bpftool")
-        .args(["-j", "map", "show", "pinned"])
-        .arg(&pin));
-    let map: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-    assert_eq!(map["bytes_value"], 20, "{map}");
-    let dump = || {
-        let out = run(Command::new("bpftool")
-            .args(["map", "dump", "pinned"])
-            .arg(&pin));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    assert!(
-        eventually(Duration::from_secs(5), || dump()
-            .contains("\"vxlan_port\": 4789")),
-        "node config not written: {}",
-        dump()
-    );
-    let pod = Pod::add(&node, "1.1.0");
     pod.del(&node);
 }
 

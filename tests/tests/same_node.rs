@@ -49,6 +49,18 @@ fn pods_on_one_node_talk_in_one_hop() {
     let ips: HashSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     assert_eq!(ips.len(), 3, "duplicate IPs");
 
+    // Operators see which pod each endpoint is: the kubelet's CNI_ARGS.
+    let endpoints = node.map_endpoints();
+    for pod in &pods {
+        let row = endpoints
+            .iter()
+            .find(|e| e["ip"] == pod.ip.to_string())
+            .unwrap_or_else(|| panic!("{} not listed: {endpoints:?}", pod.ip));
+        assert_eq!(row["namespace"], "default", "{row}");
+        assert_eq!(row["pod"], format!("pod-{}", pod.container_id), "{row}");
+        assert_eq!(row["host_ifname"], pod.host_ifname, "{row}");
+    }
+
     // Every pod reaches every other pod; redirect counters grow while the
     // receiver's host veth transmits (almost) nothing: the packets went from
     // the sender's host veth straight into the receiver's netns.

@@ -1,5 +1,5 @@
 //! `cargo xtask bench [--quick]`: builds everything like `demo` does and runs
-//! the benchmarks (`tests/src/bin/beeline-bench.rs`): Beeline against
+//! the benchmarks (`tests/src/bin/beeline-bench/`): Beeline against
 //! Debian's bridge plugin and the physical limits, on simulated nodes in
 //! network namespaces. They write `bench/results/<date>.{json,md}`
 //! (`<date>-quick.*` with `--quick`) and print the Markdown.

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`.
 mod bench;
 mod ebpf;
+mod previous;
 mod util;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Image(ImageOptions),
     /// Benchmarks vs the bridge plugin and the physical limits (root): bench/results/.
     Bench(bench::BenchOptions),
+    /// Build the previous release's agent and CNI binary (the upgrade test's).
+    BuildPrevious,
 }
 
 #[derive(clap::Args)]
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Demo(opts) => demo(&opts),
         Command::Image(opts) => image(&opts),
         Command::Bench(opts) => bench::run(opts.quick),
+        Command::BuildPrevious => previous::build(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -262,8 +266,10 @@ fn test(opts: &TestOptions) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    // The release binaries the integration tests execute.
+    // The release binaries the integration tests execute, and the previous
+    // release's for the upgrade test.
     build_release_binaries(&[])?;
+    previous::build()?;
     util::step("cargo test");
     let mut cmd = util::cargo(&root);
     cmd.args(["test", "--workspace", "--release"])

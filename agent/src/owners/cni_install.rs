@@ -2,13 +2,13 @@
 //! then, last and atomically, the conflist, whose presence tells the kubelet
 //! the node is ready. Every resync puts back a config or binary that was
 //! removed or changed.
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{Pace, Pass, RESYNC_PERIOD};
+use super::{Pace, Pass};
 use crate::{install, metrics::Metrics, status::NodeState};
 
 /// Where to install the CNI binary and config.
@@ -22,11 +22,16 @@ pub struct CniInstall {
 
 impl CniInstall {
     /// Runs until the node state channel closes.
-    pub async fn run(self, mut node: watch::Receiver<NodeState>, metrics: Arc<Metrics>) {
+    pub async fn run(
+        self,
+        mut node: watch::Receiver<NodeState>,
+        metrics: Arc<Metrics>,
+        period: Duration,
+    ) {
         if self.bin_dir.is_none() && self.conf_dir.is_none() {
             return;
         }
-        let mut pace = Pace::new("cni_install", RESYNC_PERIOD);
+        let mut pace = Pace::new("cni_install", period);
         let mut installed = false;
         loop {
             let ready = node.borrow_and_update().not_ready.is_none();

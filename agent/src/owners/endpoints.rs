@@ -3,7 +3,7 @@
 //! each pod's host veth. Its task serves requests one at a time; its resync
 //! repairs what was changed behind its back and drops endpoints whose pod
 //! is gone.
-use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use beeline_proto::{ApiError, Endpoint, Request};
@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::{Pace, Pass, RESYNC_PERIOD, repaired};
+use super::{Pace, Pass, repaired};
 use crate::{
     datapath::Programs,
     maps::EndpointsMap,
@@ -69,13 +69,13 @@ enum Veth {
 
 impl Registry {
     /// The registry's task, and the handle to reach it.
-    pub fn start(self) -> (RegistryHandle, tokio::task::JoinHandle<()>) {
+    pub fn start(self, period: Duration) -> (RegistryHandle, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(64);
-        (RegistryHandle(tx), tokio::spawn(self.run(rx)))
+        (RegistryHandle(tx), tokio::spawn(self.run(rx, period)))
     }
 
-    async fn run(mut self, mut calls: mpsc::Receiver<Call>) {
-        let mut pace = Pace::new(OWNER, RESYNC_PERIOD);
+    async fn run(mut self, mut calls: mpsc::Receiver<Call>, period: Duration) {
+        let mut pace = Pace::new(OWNER, period);
         loop {
             tokio::select! {
                 call = calls.recv() => {
@@ -90,12 +90,12 @@ impl Registry {
         }
     }
 
-    /// At start: fills the map with every persisted endpoint whose veth is
-    /// alive, then swaps this agent's program onto their veths (maps first,
-    /// so the new programs never see an empty map), and drops the rest:
-    /// endpoints whose veth vanished (a DEL while the agent was down) and map
-    /// entries nobody owns.
-    pub async fn restore(&mut self) -> Result<ReconcileReport> {
+    /// At start, maps first: every persisted endpoint whose veth is alive
+    /// gets its map entry; endpoints whose veth vanished (a DEL while the
+    /// agent was down) and map entries nobody owns are dropped. Returns the
+    /// live endpoints, whose programs [`Registry::restore_programs`] swaps
+    /// once every map is filled, so new programs never see an empty map.
+    pub async fn restore_maps(&mut self) -> Result<(Vec<Endpoint>, ReconcileReport)> {
         let mut report = ReconcileReport::default();
         let mut live = Vec::new();
         for ep in self.store.list().cloned().collect::<Vec<_>>() {
@@ -107,18 +107,24 @@ impl Registry {
                 Veth::Gone => self.remove_stale(&ep, &mut report)?,
             }
         }
-        for ep in &live {
+        self.remove_orphans(&mut report)?;
+        self.metrics.endpoints.set(self.store.len() as i64);
+        self.metrics
+            .set_map_fill("endpoints", self.store.len(), beeline_common::MAX_ENDPOINTS);
+        Ok((live, report))
+    }
+
+    /// Then programs: this agent's program onto every live endpoint's veth
+    /// (swapped in place), and off the other hook if `--pod-attach` changed.
+    pub fn restore_programs(&self, live: &[Endpoint], report: &mut ReconcileReport) -> Result<()> {
+        for ep in live {
             self.programs
                 .attach_pod(&ep.host_ifname)
                 .and_then(|()| self.programs.drop_other_pod_attach(&ep.host_ifname))
                 .with_context(|| format!("restoring endpoint {}", ep.ip))?;
             report.restored += 1;
         }
-        self.remove_orphans(&mut report)?;
-        self.metrics.endpoints.set(self.store.len() as i64);
-        self.metrics
-            .set_map_fill("endpoints", self.store.len(), beeline_common::MAX_ENDPOINTS);
-        Ok(report)
+        Ok(())
     }
 
     async fn handle(&mut self, request: Request) -> Value {

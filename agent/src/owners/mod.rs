@@ -22,8 +22,6 @@ pub mod cni_install;
 pub mod endpoints;
 pub mod nodes;
 
-/// The period at which every owner resyncs by default.
-pub const RESYNC_PERIOD: Duration = Duration::from_secs(10);
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// Failures are logged at most this often per owner (with a count).
 const LOG_EVERY: Duration = Duration::from_secs(30);

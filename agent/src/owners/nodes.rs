@@ -3,7 +3,7 @@
 //! the uplink, looked up again every pass: an address that arrives late
 //! makes the node ready); from the others, the remote CIDR map and the
 //! masquerade exceptions. Publishes [`NodeState`] for the rest of the agent.
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use beeline_common::{NodeConfig, Program, RemoteNode, VXLAN_OVERHEAD, VxlanEncap};
@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{Pace, Pass, RESYNC_PERIOD, repaired};
+use super::{Pace, Pass, repaired};
 use crate::{
     datapath::Programs,
     maps::{NodeConfigMap, RemoteCidrsMap},
@@ -130,8 +130,8 @@ impl NodeSync {
 
     /// Reconciles on every node list change, at the resync period and, while
     /// failing or waiting, sooner.
-    pub async fn run(mut self, mut nodes: watch::Receiver<Snapshot>) {
-        let mut pace = Pace::new(OWNER, RESYNC_PERIOD);
+    pub async fn run(mut self, mut nodes: watch::Receiver<Snapshot>, period: Duration) {
+        let mut pace = Pace::new(OWNER, period);
         loop {
             let snapshot = nodes.borrow_and_update().clone();
             let result = self.reconcile(&snapshot).await;
