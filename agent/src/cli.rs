@@ -122,6 +122,20 @@ pub struct RunArgs {
     /// network pods (so the node stays NotReady until then).
     #[arg(long)]
     pub cni_conf_dir: Option<PathBuf>,
+    /// The installed network config's `dataDir`: where the CNI binary keeps
+    /// its IP store (default: /var/lib/cni/beeline).
+    #[arg(long)]
+    pub ipam_data_dir: Option<PathBuf>,
+    /// CNI plugins to chain after Beeline in the network config, when their
+    /// binary is in `--cni-bin-dir`: portmap (hostPort), bandwidth (the
+    /// bandwidth annotations). A missing one is reported, never silent.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "portmap,bandwidth",
+        value_parser = clap::builder::PossibleValuesParser::new(["portmap", "bandwidth"])
+    )]
+    pub chain_plugins: Vec<String>,
     /// How the from-pod program is attached to each pod's host veth.
     #[arg(long, value_enum, default_value_t = PodAttach::Tc)]
     pub pod_attach: PodAttach,

@@ -37,6 +37,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .map(|l| tokio::spawn(datapath::forward_logs(l)));
     let metrics = Arc::new(Metrics::new());
     let conditions = Conditions::default();
+    let notices = Conditions::default();
     let netlink = uplink::netlink()?;
 
     let (mut node_sync, node_state) = NodeSync::new(
@@ -101,6 +102,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 binary: args.cni_binary.clone(),
                 conf_dir: args.cni_conf_dir.clone(),
                 socket: args.socket.clone(),
+                data_dir: args.ipam_data_dir.clone(),
+                chain: args.chain_plugins.clone(),
+                notices: notices.clone(),
             }
             .run(node_state.clone(), metrics.clone(), args.resync_period),
         ),
@@ -117,6 +121,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let published = Published {
         node: node_state,
         conditions,
+        notices,
         metrics,
         bpffs: args.bpffs_dir.clone(),
     };

@@ -20,6 +20,9 @@ use crate::{
 pub struct Published {
     pub node: watch::Receiver<NodeState>,
     pub conditions: Conditions,
+    /// Things an operator should know that do not stop the node (a chained
+    /// plugin missing): listed by `/readyz` after "ready".
+    pub notices: Conditions,
     pub metrics: Arc<Metrics>,
     pub bpffs: PathBuf,
 }
@@ -68,7 +71,13 @@ fn route(path: &str, published: &Published) -> Response<Full<Bytes>> {
     let (status, body, content_type) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
         "/readyz" => match published.not_ready() {
-            None => (StatusCode::OK, "ready\n".to_string(), "text/plain"),
+            None => {
+                let mut body = "ready\n".to_string();
+                for notice in published.notices.snapshot() {
+                    body.push_str(&format!("note: {notice}\n"));
+                }
+                (StatusCode::OK, body, "text/plain")
+            }
             Some(reasons) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{reasons}\n"),

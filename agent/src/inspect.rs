@@ -94,7 +94,7 @@ pub fn remote_cidrs(bpffs: &Path) -> Result<Vec<RemoteRow>> {
         .map(|(net, v)| RemoteRow {
             pod_cidr: net.to_string(),
             node_ip: Ipv4Addr::from(v.node_addr),
-            tunnel: if v.tunnel == Tunnel::Vxlan as u32 {
+            tunnel: if v.tunnel == Tunnel::Vxlan as u16 {
                 "vxlan"
             } else {
                 "direct"

@@ -35,6 +35,11 @@ struct OwnerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -53,6 +58,7 @@ pub struct Metrics {
     reconcile_errors: Family<OwnerLabels, Counter>,
     pub endpoints: Gauge,
     pub nodes: Gauge,
+    chained_plugins: Family<PluginLabels, Gauge>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     packets: Family<PacketLabels, Counter>,
@@ -78,6 +84,7 @@ impl Metrics {
             reconcile_errors: Family::default(),
             endpoints: Gauge::default(),
             nodes: Gauge::default(),
+            chained_plugins: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             packets: Family::default(),
@@ -110,6 +117,11 @@ impl Metrics {
             m.endpoints.clone(),
         );
         registry.register("nodes", "Nodes in the cluster", m.nodes.clone());
+        registry.register(
+            "cni_chained_plugins",
+            "Plugins asked to be chained after Beeline: 1 when the network config chains them, 0 when missing",
+            m.chained_plugins.clone(),
+        );
         registry.register(
             "map_entries",
             "Entries in each BPF map",
@@ -165,6 +177,14 @@ impl Metrics {
                 owner: owner.into(),
             })
             .inc();
+    }
+
+    pub fn set_chained_plugin(&self, plugin: &str, present: bool) {
+        self.chained_plugins
+            .get_or_create(&PluginLabels {
+                plugin: plugin.into(),
+            })
+            .set(present as i64);
     }
 
     pub fn set_map_fill(&self, map: &str, entries: usize, capacity: u32) {

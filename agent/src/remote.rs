@@ -1,7 +1,7 @@
 //! Which remote podCIDRs go to which node, and how (direct or VXLAN).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use beeline_common::{RemoteNode, Tunnel};
+use beeline_common::{REMOTE_IS_NODE, RemoteNode, Tunnel};
 use ipnet::Ipv4Net;
 
 use crate::sources::nodes::NodeRoute;
@@ -33,8 +33,11 @@ pub fn tunnel_for(mode: Mode, uplink_net: Option<Ipv4Net>, peer: Ipv4Addr) -> Tu
     }
 }
 
-/// The LPM entries this node should have: every other node's podCIDRs.
-/// Nodes without an InternalIP cannot be reached and are left out.
+/// The LPM entries this node should have: every other node's podCIDRs,
+/// and each other node's own address as a /32, so a pod's replies to a
+/// process on another node (an API server calling a webhook) go back the
+/// way the request came, past this node's stack, which never saw it. Nodes
+/// without an InternalIP cannot be reached and are left out.
 pub fn desired_entries(
     nodes: &[NodeRoute],
     me: &str,
@@ -44,15 +47,18 @@ pub fn desired_entries(
     let mut out = BTreeMap::new();
     for node in nodes.iter().filter(|n| n.name != me) {
         let Some(ip) = node.internal_ip else { continue };
+        let remote = |flags| RemoteNode {
+            node_addr: ip.octets(),
+            tunnel: tunnel_for(mode, uplink_net, ip) as u16,
+            flags,
+        };
         for cidr in &node.pod_cidrs {
-            out.insert(
-                *cidr,
-                RemoteNode {
-                    node_addr: ip.octets(),
-                    tunnel: tunnel_for(mode, uplink_net, ip) as u32,
-                },
-            );
+            out.insert(*cidr, remote(0));
         }
+        out.insert(
+            Ipv4Net::new(ip, 32).expect("/32 is valid"),
+            remote(REMOTE_IS_NODE),
+        );
     }
     out
 }
@@ -85,18 +91,21 @@ mod tests {
         let entries = desired_entries(&nodes, "me", Mode::Auto, Some(uplink));
         assert_eq!(
             entries.len(),
-            2,
-            "own CIDR and unreachable nodes are left out"
+            4,
+            "two podCIDRs and two node addresses; own CIDR and unreachable nodes are left out"
         );
+        let near_node = entries[&"192.168.10.6/32".parse().unwrap()];
+        assert_eq!(near_node.flags, REMOTE_IS_NODE);
+        assert_eq!(near_node.node_addr, [192, 168, 10, 6]);
         let near = entries[&"10.244.1.0/24".parse().unwrap()];
-        assert_eq!(near.tunnel, Tunnel::Direct as u32);
+        assert_eq!(near.tunnel, Tunnel::Direct as u16);
         assert_eq!(near.node_addr, [192, 168, 10, 6]);
         let far = entries[&"10.244.2.0/24".parse().unwrap()];
-        assert_eq!(far.tunnel, Tunnel::Vxlan as u32);
+        assert_eq!(far.tunnel, Tunnel::Vxlan as u16);
 
         let forced = desired_entries(&nodes, "me", Mode::Vxlan, Some(uplink));
-        assert!(forced.values().all(|e| e.tunnel == Tunnel::Vxlan as u32));
+        assert!(forced.values().all(|e| e.tunnel == Tunnel::Vxlan as u16));
         let forced = desired_entries(&nodes, "me", Mode::Direct, Some(uplink));
-        assert!(forced.values().all(|e| e.tunnel == Tunnel::Direct as u32));
+        assert!(forced.values().all(|e| e.tunnel == Tunnel::Direct as u16));
     }
 }

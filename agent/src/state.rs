@@ -177,6 +177,10 @@ mod tests {
             host_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             pod_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             pod: None,
+            netns_inode: 0,
+            boot_id: String::new(),
+            ipam_dir: None,
+            shaped: false,
         }
     }
 

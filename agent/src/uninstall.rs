@@ -4,7 +4,7 @@
 use anyhow::Result;
 use tracing::{info, warn};
 
-use crate::{cli::UninstallArgs, datapath, install, masquerade, state::EndpointStore, uplink};
+use crate::{cli::UninstallArgs, datapath, install, netfilter, state::EndpointStore, uplink};
 
 pub async fn uninstall(args: UninstallArgs) -> Result<()> {
     let mut first_error: Option<anyhow::Error> = None;
@@ -31,7 +31,13 @@ pub async fn uninstall(args: UninstallArgs) -> Result<()> {
     }
     note(
         "the masquerade rules",
-        masquerade::remove().map(|()| true).map_err(Into::into),
+        netfilter::masquerade::remove()
+            .map(|()| true)
+            .map_err(Into::into),
+    );
+    note(
+        "the FORWARD accept rules",
+        netfilter::forward::remove().map_err(Into::into),
     );
     let netlink = uplink::netlink()?;
     note("the VXLAN device", uplink::delete_vxlan(&netlink).await);

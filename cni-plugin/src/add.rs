@@ -49,6 +49,9 @@ struct Prepared<'a> {
     mtu: u32,
     host_ifname: String,
     addressing: Addressing<'a>,
+    /// Where the pod lives, recorded with its address and endpoint so a pod
+    /// that vanishes without a DEL releases them.
+    pod_home: beeline_ipam::Pod,
 }
 
 /// Step 1: the pod's netns, what the agent says about this node, and the
@@ -90,7 +93,6 @@ async fn prepare<'a>(env: &'a Env, conf: &'a NetConf, stdin: &'a [u8]) -> Result
         env,
         conf,
         netns_path,
-        netns,
         agent,
         host,
         pod,
@@ -99,6 +101,8 @@ async fn prepare<'a>(env: &'a Env, conf: &'a NetConf, stdin: &'a [u8]) -> Result
         pod_cidr,
         host_ifname,
         addressing: Addressing::new(env, conf, stdin)?,
+        pod_home: beeline_ipam::Pod::of(netns_path, &netns),
+        netns,
     })
 }
 
@@ -147,7 +151,7 @@ async fn create_and_register(ctx: &Prepared<'_>, made: &mut Made) -> Result<(Pod
     let mut ip = None;
     if !dhcp {
         made.address = true;
-        ip = Some(ctx.addressing.acquire(ctx.pod_cidr)?);
+        ip = Some(ctx.addressing.acquire(ctx.pod_cidr, &ctx.pod_home)?);
     }
     made.veth = true;
     let veth = link::create_veth(
@@ -170,7 +174,7 @@ async fn create_and_register(ctx: &Prepared<'_>, made: &mut Made) -> Result<(Pod
         None => {
             link::bring_up(&ctx.host, &ctx.pod, &veth, &alias, host_address).await?;
             made.address = true;
-            ctx.addressing.acquire(ctx.pod_cidr)?
+            ctx.addressing.acquire(ctx.pod_cidr, &ctx.pod_home)?
         }
     };
     if !ctx.pod_cidr.contains(&ip) {
@@ -193,6 +197,10 @@ async fn create_and_register(ctx: &Prepared<'_>, made: &mut Made) -> Result<(Pod
         host_mac: veth.host_mac,
         pod_mac: veth.pod_mac,
         pod: ctx.env.pod_ref(),
+        netns_inode: ctx.pod_home.netns_inode,
+        boot_id: ctx.pod_home.boot_id.clone(),
+        ipam_dir: ctx.addressing.store().map(|s| s.dir().to_path_buf()),
+        shaped: ctx.conf.shaped(),
     };
     made.registration = true;
     let registered = tokio::task::spawn_blocking({

@@ -2,6 +2,7 @@
 //! with what the datapath holds, and names every difference.
 use std::net::{IpAddr, Ipv4Addr};
 
+use beeline_ipam::{IpStore, Owner};
 use beeline_proto::{Client, POD_GATEWAY as GATEWAY};
 use futures::TryStreamExt;
 use rtnetlink::{
@@ -17,7 +18,6 @@ use crate::{
     config::{Env, NetConf},
     delegate::Delegate,
     error::{CniError, Result, code, from_agent},
-    ipam::{IpStore, Owner},
     link, netns,
 };
 

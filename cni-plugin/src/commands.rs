@@ -1,6 +1,7 @@
 //! DEL, GC and STATUS (ADD is in `add`).
 use std::collections::{HashMap, HashSet};
 
+use beeline_ipam::IpStore;
 use beeline_proto::{Client, ClientError};
 use tracing::{info, warn};
 
@@ -9,7 +10,6 @@ use crate::{
     config::{Env, NetConf},
     delegate::Delegate,
     error::{CniError, Result, code, from_agent},
-    ipam::IpStore,
     link, netns,
 };
 
@@ -99,13 +99,17 @@ pub async fn gc(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
     }
     match conf.ipam_type() {
         None => {
-            match IpStore::open(conf.ipam_dir()).and_then(|s| s.allocations().map(|a| (s, a))) {
+            match IpStore::open(conf.ipam_dir())
+                .and_then(|s| s.allocations().map(|a| (s, a)))
+                .map_err(CniError::from)
+            {
                 Ok((store, allocations)) => {
-                    for (ip, owner) in allocations {
+                    for (ip, record) in allocations {
+                        let owner = record.owner;
                         let key = (owner.container_id.clone(), owner.ifname.clone());
                         if !valid.contains(&key) {
                             info!(%ip, container = %owner.container_id, "GC: releasing");
-                            note(store.release(&owner).map(|_| ()));
+                            note(store.release(&owner).map(|_| ()).map_err(Into::into));
                             stale.entry(key).or_default();
                         }
                     }

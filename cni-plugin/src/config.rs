@@ -34,6 +34,9 @@ pub struct NetConf {
     pub ipam: Option<Value>,
     /// The previous plugin's result (chaining, CHECK).
     pub prev_result: Option<Value>,
+    /// What the runtime passes for the capabilities the conflist declares
+    /// (Beeline declares `bandwidth` when the bandwidth plugin is chained).
+    pub runtime_config: Option<Value>,
     /// GC: the attachments the runtime still uses.
     #[serde(rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -143,6 +146,21 @@ impl NetConf {
     /// The delegated IPAM plugin's type, if any.
     pub fn ipam_type(&self) -> Option<&str> {
         self.ipam.as_ref()?.get("type")?.as_str()
+    }
+
+    /// Whether the runtime asked for bandwidth limits on this pod (the
+    /// bandwidth plugin chained after Beeline applies them on the host veth).
+    pub fn shaped(&self) -> bool {
+        let Some(bandwidth) = self
+            .runtime_config
+            .as_ref()
+            .and_then(|r| r.get("bandwidth"))
+        else {
+            return false;
+        };
+        ["ingressRate", "egressRate"]
+            .iter()
+            .any(|k| bandwidth.get(*k).and_then(Value::as_u64).unwrap_or(0) > 0)
     }
 
     /// IPAM plugins that talk to a server over the pod's own interface.

@@ -87,6 +87,18 @@ pub type Result<T, E = CniError> = std::result::Result<T, E>;
 
 /// Maps an agent client failure to the spec's code: an unreachable agent
 /// means "try again later" (the runtime retries), as does a not-ready agent.
+impl From<beeline_ipam::Error> for CniError {
+    fn from(e: beeline_ipam::Error) -> CniError {
+        let code = match e {
+            beeline_ipam::Error::NoHosts { .. } | beeline_ipam::Error::Exhausted { .. } => {
+                code::IP_EXHAUSTED
+            }
+            beeline_ipam::Error::Io { .. } => code::IPAM_STORE,
+        };
+        CniError::new(code, e.to_string())
+    }
+}
+
 pub fn from_agent(err: beeline_proto::ClientError) -> CniError {
     use beeline_proto::ClientError as E;
     let code = match &err {

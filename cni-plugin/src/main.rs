@@ -10,7 +10,6 @@ mod delegate;
 mod error;
 #[cfg(test)]
 mod fuzz;
-mod ipam;
 mod link;
 mod netns;
 mod result;

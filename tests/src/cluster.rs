@@ -330,6 +330,16 @@ impl Cluster {
             .ip(&["link", "set", &port, "master", "br0", "up"]);
     }
 
+    /// A host on the fabric that is not a node (outside the cluster), with
+    /// `ip`/24 on its `eth0`.
+    pub fn external_host(&self, ip: Ipv4Addr) -> NetNs {
+        let host = NetNs::new("ble");
+        self.plug(&host, "eth0");
+        host.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        host.ip(&["link", "set", "eth0", "up"]);
+        host
+    }
+
     pub fn node_ip(i: usize) -> Ipv4Addr {
         Ipv4Addr::new(192, 168, 100, i as u8 + 1)
     }

@@ -342,11 +342,8 @@ fn a_node_added_to_the_list_becomes_reachable_and_a_removed_one_disappears() {
 #[test]
 fn egress_leaves_with_the_node_ip_and_pod_traffic_keeps_the_pod_ip() {
     let mut cluster = Cluster::new(2);
-    let external = NetNs::new("ble");
-    cluster.plug(&external, "eth0");
     let external_ip = Ipv4Addr::new(192, 168, 100, 200);
-    external.ip(&["addr", "add", "192.168.100.200/24", "dev", "eth0"]);
-    external.ip(&["link", "set", "eth0", "up"]);
+    let external = cluster.external_host(external_ip);
     cluster.start(&["--mode", "direct"]);
     let pod0 = Pod::add(&cluster.nodes[0], "1.1.0");
     let pod1 = Pod::add(&cluster.nodes[1], "1.1.0");
@@ -392,7 +389,7 @@ fn masquerade_takes_thousands_of_cidrs_that_do_not_merge() {
     assert_eq!(Ipv4Net::aggregate(&scattered).len(), scattered.len());
     let pod_cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
     let apply = |n: usize| {
-        ns.enter(|| beeline_agent::masquerade::apply(pod_cidr, &scattered[..n]))
+        ns.enter(|| beeline_agent::netfilter::masquerade::apply(pod_cidr, &scattered[..n]))
             .unwrap_or_else(|e| panic!("masquerade with {n} exceptions: {e}"))
     };
     apply(5000);

@@ -85,6 +85,7 @@ fn the_object_loads_attaches_counts_and_redirects_into_the_peer_netns() {
                 host_ifindex: ifindex(&node, &receiver.host_if),
                 pod_mac: receiver.ns.mac("eth0").0,
                 host_mac: node.mac(&receiver.host_if).0,
+                flags: 0,
             },
         )
         .unwrap();

@@ -91,6 +91,21 @@ pub struct Endpoint {
     /// The Kubernetes pod, when the runtime said (`K8S_POD_*` in CNI_ARGS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
+    /// The inode of `netns` and the boot it was made in: with the host veth
+    /// gone too, the pod is gone (see `beeline_ipam::Pod`).
+    #[serde(default)]
+    pub netns_inode: u64,
+    #[serde(default)]
+    pub boot_id: String,
+    /// The built-in allocator's store holding the address (none when an
+    /// IPAM plugin gave it): the agent releases a gone pod's address there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam_dir: Option<PathBuf>,
+    /// The bandwidth plugin shapes this pod on its host veth: its traffic
+    /// takes the host stack both ways (no program on its veth, no redirect
+    /// into it), so the qdiscs see every packet.
+    #[serde(default)]
+    pub shaped: bool,
 }
 
 /// A Kubernetes pod, as the kubelet names it in CNI_ARGS.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::{Pace, Pass, repaired};
+use super::{Pace, Pass, listed, repaired};
 use crate::{
     datapath::Programs,
     maps::EndpointsMap,
@@ -59,12 +59,17 @@ pub struct Registry {
     pub conditions: Conditions,
 }
 
-/// Whether an endpoint's host veth is still the one it registered.
+/// Whether an endpoint's pod is still there, as far as the node can tell.
 #[derive(Debug, PartialEq, Eq)]
-enum Veth {
+enum Liveness {
+    /// Its host veth is the one it registered.
     Present,
-    /// No such device, or the name now belongs to another device.
+    /// Its veth is gone and so is its netns (or the node rebooted): the
+    /// pod is gone, and what it held is released.
     Gone,
+    /// Its veth is gone but its netns is still there (deleted by hand, say):
+    /// the pod keeps its address until its DEL.
+    VethMissing,
 }
 
 impl Registry {
@@ -99,12 +104,13 @@ impl Registry {
         let mut report = ReconcileReport::default();
         let mut live = Vec::new();
         for ep in self.store.list().cloned().collect::<Vec<_>>() {
-            match self.veth(&ep).await? {
-                Veth::Present => {
+            match self.liveness(&ep).await? {
+                Liveness::Present => {
                     self.map.upsert(ep.ip, map_entry(&ep))?;
                     live.push(ep);
                 }
-                Veth::Gone => self.remove_stale(&ep, &mut report)?,
+                Liveness::Gone => self.remove_stale(&ep, &mut report)?,
+                Liveness::VethMissing => {}
             }
         }
         self.remove_orphans(&mut report)?;
@@ -118,8 +124,7 @@ impl Registry {
     /// (swapped in place), and off the other hook if `--pod-attach` changed.
     pub fn restore_programs(&self, live: &[Endpoint], report: &mut ReconcileReport) -> Result<()> {
         for ep in live {
-            self.programs
-                .attach_pod(&ep.host_ifname)
+            self.attach(ep)
                 .and_then(|()| self.programs.drop_other_pod_attach(&ep.host_ifname))
                 .with_context(|| format!("restoring endpoint {}", ep.ip))?;
             report.restored += 1;
@@ -180,9 +185,9 @@ impl Registry {
                 ep.ip, other.container_id, other.ifname
             )));
         }
-        match self.veth(&ep).await {
-            Ok(Veth::Present) => {}
-            Ok(Veth::Gone) => {
+        match self.veth_present(&ep).await {
+            Ok(true) => {}
+            Ok(false) => {
                 return Err(ApiError::new(format!(
                     "host interface {} with index {} does not exist in the agent's netns",
                     ep.host_ifname, ep.host_ifindex
@@ -228,9 +233,9 @@ impl Registry {
     async fn check_endpoint(&self, key: &AttachmentKey) -> Option<Vec<String>> {
         let ep = self.store.get(key)?;
         let mut problems = Vec::new();
-        match self.veth(ep).await {
-            Ok(Veth::Present) => {}
-            Ok(Veth::Gone) => problems.push(format!(
+        match self.veth_present(ep).await {
+            Ok(true) => {}
+            Ok(false) => problems.push(format!(
                 "{} with index {} does not exist",
                 ep.host_ifname, ep.host_ifindex
             )),
@@ -247,7 +252,11 @@ impl Registry {
             .pod_attached(&self.netlink, &ep.host_ifname, ep.host_ifindex)
             .await
         {
-            Ok(true) => {}
+            Ok(attached) if attached != ep.shaped => {}
+            Ok(true) => problems.push(format!(
+                "{} is shaped, yet a program is attached to it",
+                ep.host_ifname
+            )),
             Ok(false) => problems.push(format!("no program is attached to {}", ep.host_ifname)),
             Err(e) => problems.push(format!("listing the filters of {}: {e:#}", ep.host_ifname)),
         }
@@ -273,12 +282,17 @@ impl Registry {
     async fn resync(&mut self) -> Result<Pass> {
         let mut report = ReconcileReport::default();
         let mut found: BTreeMap<String, String> = BTreeMap::new();
+        let mut repairs = 0;
         let mut first_error = None;
         for ep in self.store.list().cloned().collect::<Vec<_>>() {
-            match self.veth(&ep).await {
-                Ok(Veth::Present) => {}
-                Ok(Veth::Gone) => {
+            match self.liveness(&ep).await {
+                Ok(Liveness::Present) => {}
+                Ok(Liveness::Gone) => {
                     self.remove_stale(&ep, &mut report)?;
+                    continue;
+                }
+                Ok(Liveness::VethMissing) => {
+                    listed(&mut found, "pod_veth_missing", &ep.host_ifname);
                     continue;
                 }
                 // Never "gone" on a failed lookup (out of file descriptors,
@@ -296,6 +310,7 @@ impl Registry {
                     "endpoint_map_entry",
                     &ep.ip.to_string(),
                 );
+                repairs += 1;
             }
             match self
                 .programs
@@ -303,9 +318,11 @@ impl Registry {
                 .await
             {
                 Ok(true) => {}
+                Ok(false) if ep.shaped => {}
                 Ok(false) => {
                     self.programs.attach_pod(&ep.host_ifname)?;
                     repaired(&self.metrics, &mut found, "pod_program", &ep.host_ifname);
+                    repairs += 1;
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -320,14 +337,27 @@ impl Registry {
         self.metrics.endpoints.set(self.store.len() as i64);
         match first_error {
             Some(e) => Err(e),
-            None if found.is_empty() => Ok(Pass::Done),
+            None if repairs == 0 => Ok(Pass::Done),
             None => Ok(Pass::Repaired),
         }
     }
 
+    /// Drops the endpoint of a pod that is gone, and releases the address
+    /// it held in the built-in allocator's store.
     fn remove_stale(&mut self, ep: &Endpoint, report: &mut ReconcileReport) -> Result<()> {
-        info!(container = %ep.container_id, ip = %ep.ip, host_ifname = %ep.host_ifname, "dropping an endpoint whose veth is gone");
+        info!(container = %ep.container_id, ip = %ep.ip, host_ifname = %ep.host_ifname, "dropping the endpoint of a pod that is gone");
         self.uninstall(ep);
+        if let Some(dir) = &ep.ipam_dir {
+            let owner = beeline_ipam::Owner {
+                container_id: ep.container_id.clone(),
+                ifname: ep.ifname.clone(),
+            };
+            let released = beeline_ipam::IpStore::open(dir)
+                .and_then(|store| store.release(&owner))
+                .with_context(|| format!("releasing {} in {}", ep.ip, dir.display()))?;
+            self.metrics
+                .count_action("released_address", released.len());
+        }
         self.store.remove(&key_of(ep))?;
         report.removed_stale.push(ep.container_id.clone());
         self.metrics.count_action("removed_stale_endpoint", 1);
@@ -345,16 +375,45 @@ impl Registry {
         Ok(())
     }
 
-    async fn veth(&self, ep: &Endpoint) -> Result<Veth> {
-        match uplink::link_index(&self.netlink, &ep.host_ifname).await? {
-            Some(index) if index == ep.host_ifindex => Ok(Veth::Present),
-            _ => Ok(Veth::Gone),
+    /// Whether the endpoint's host veth is the one it registered. Only the
+    /// kernel's "no such device" counts as absent; any other failure (out
+    /// of file descriptors, say) is an error, never "gone".
+    async fn veth_present(&self, ep: &Endpoint) -> Result<bool> {
+        Ok(uplink::link_index(&self.netlink, &ep.host_ifname).await? == Some(ep.host_ifindex))
+    }
+
+    async fn liveness(&self, ep: &Endpoint) -> Result<Liveness> {
+        if self.veth_present(ep).await? {
+            return Ok(Liveness::Present);
+        }
+        // Endpoints of the previous release name no netns inode: their veth
+        // is all there is to go by.
+        let pod = beeline_ipam::Pod {
+            boot_id: ep.boot_id.clone(),
+            netns: ep.netns.clone(),
+            netns_inode: ep.netns_inode,
+        };
+        let rebooted = !ep.boot_id.is_empty() && ep.boot_id != beeline_ipam::boot_id();
+        if rebooted || ep.netns_inode == 0 || pod.netns_gone() {
+            Ok(Liveness::Gone)
+        } else {
+            Ok(Liveness::VethMissing)
         }
     }
 
     fn install(&mut self, ep: &Endpoint) -> Result<()> {
-        self.programs.attach_pod(&ep.host_ifname)?;
+        self.attach(ep)?;
         self.map.upsert(ep.ip, map_entry(ep))
+    }
+
+    /// The from-pod program onto the endpoint's veth; a shaped pod's veth
+    /// gets none (its packets go up the host stack, through the bandwidth
+    /// plugin's ifb, and its ingress qdisc slot stays free for it).
+    fn attach(&self, ep: &Endpoint) -> Result<()> {
+        if ep.shaped {
+            return self.programs.detach_pod(&ep.host_ifname);
+        }
+        self.programs.attach_pod(&ep.host_ifname)
     }
 
     /// Best effort: used on failure paths and for endpoints whose veth is gone.
@@ -374,5 +433,10 @@ fn map_entry(ep: &Endpoint) -> beeline_common::Endpoint {
         host_ifindex: ep.host_ifindex,
         pod_mac: ep.pod_mac.0,
         host_mac: ep.host_mac.0,
+        flags: if ep.shaped {
+            beeline_common::ENDPOINT_THROUGH_STACK
+        } else {
+            0
+        },
     }
 }

@@ -113,6 +113,11 @@ impl Pace {
 pub fn repaired(metrics: &Metrics, found: &mut BTreeMap<String, String>, kind: &str, what: &str) {
     info!(kind, what, "repaired drift");
     metrics.count_repair(kind);
+    listed(found, kind, what);
+}
+
+/// Lists `what` under `kind` in a pass's findings.
+pub fn listed(found: &mut BTreeMap<String, String>, kind: &str, what: &str) {
     let detail = found.entry(kind.to_string()).or_default();
     if !detail.is_empty() {
         detail.push_str(", ");

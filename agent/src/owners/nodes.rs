@@ -15,8 +15,8 @@ use super::{Pace, Pass, repaired};
 use crate::{
     datapath::Programs,
     maps::{NodeConfigMap, RemoteCidrsMap},
-    masquerade,
     metrics::Metrics,
+    netfilter::{forward, masquerade},
     remote::{Mode, desired_entries},
     sources::nodes::{NodeRoute, Snapshot},
     status::{Conditions, NodeState},
@@ -90,6 +90,7 @@ pub struct NodeSync {
     uplink: Option<Uplink>,
     remote_applied: Option<BTreeMap<Ipv4Net, RemoteNode>>,
     masquerade_applied: Option<MasqueradeSpec>,
+    forward_applied: Option<Vec<Ipv4Net>>,
     /// Drift found in the current pass, by kind.
     found: BTreeMap<String, String>,
 }
@@ -123,6 +124,7 @@ impl NodeSync {
             uplink: None,
             remote_applied: None,
             masquerade_applied: None,
+            forward_applied: None,
             found: BTreeMap::new(),
         };
         (sync, rx)
@@ -174,6 +176,9 @@ impl NodeSync {
             self.uplink = uplink.clone();
         }
         self.sync_masquerade(desired_masquerade(&self.network, pod_cidr, nodes))?;
+        self.sync_forward(Ipv4Net::aggregate(
+            &nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect(),
+        ))?;
 
         let not_ready = not_ready_reason(&self.node_name, me, pod_cidr, uplink.as_ref());
         let state = NodeState {
@@ -291,6 +296,27 @@ impl NodeSync {
             self.repaired_unless(!missing, "masquerade_table", "table ip beeline was missing");
         }
         self.masquerade_applied = Some(spec);
+        Ok(())
+    }
+
+    /// Accept rules for pod traffic in iptables' FORWARD chain, when there is
+    /// one (Docker sets its policy to DROP); put back if flushed.
+    fn sync_forward(&mut self, pod_cidrs: Vec<Ipv4Net>) -> Result<()> {
+        let installed = forward::installed().context("listing the FORWARD chain")?;
+        let Some(installed) = installed else {
+            self.forward_applied = None;
+            return Ok(());
+        };
+        let changed = self.forward_applied.as_ref() != Some(&pod_cidrs);
+        if changed || !installed {
+            forward::apply(&pod_cidrs).context("installing the FORWARD accept rules")?;
+            self.repaired_unless(
+                changed,
+                "forward_rules",
+                "the jump to BEELINE-FORWARD was missing",
+            );
+        }
+        self.forward_applied = Some(pod_cidrs);
         Ok(())
     }
 

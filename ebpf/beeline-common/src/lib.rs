@@ -15,11 +15,22 @@ pub mod map_names {
     pub const REMOTE_CIDRS: &str = "BEELINE_REMOTE_CIDRS";
     pub const NODE_CONFIG: &str = "BEELINE_NODE_CONFIG";
     pub const STATS: &str = "BEELINE_STATS";
-    pub const ALL: [&str; 4] = [ENDPOINTS, REMOTE_CIDRS, NODE_CONFIG, STATS];
+    pub const STACK_NAT: &str = "BEELINE_STACK_NAT";
+    pub const ALL: [&str; 5] = [ENDPOINTS, REMOTE_CIDRS, NODE_CONFIG, STATS, STACK_NAT];
 }
 
 pub const MAX_ENDPOINTS: u32 = 65536;
 pub const MAX_REMOTE_CIDRS: u32 = 16384;
+
+/// Entries of `BEELINE_STACK_NAT` when the agent cannot read the node's
+/// conntrack size; it sizes the map as `nf_conntrack_max` otherwise (no
+/// more NATed connections can exist than conntrack holds).
+pub const DEFAULT_STACK_NAT_ENTRIES: u32 = 262144;
+
+/// The packet mark bit Beeline's nftables rule sets on packets of
+/// connections the host stack destination-NATed, for the egress programs to
+/// record (kube-proxy uses 0x4000 and 0x8000, Calico 0xffff0000).
+pub const STACK_NAT_MARK: u32 = 0x0010_0000;
 
 /// Bytes VXLAN adds in front of a frame: outer Ethernet 14 + IPv4 20 +
 /// UDP 8 + VXLAN 8 (RFC 7348).
@@ -42,10 +53,16 @@ pub struct Endpoint {
     pub pod_mac: [u8; 6],
     /// MAC of the host-side veth (source MAC after the rewrite; the pod's gateway MAC).
     pub host_mac: [u8; 6],
+    /// `ENDPOINT_*` bits.
+    pub flags: u32,
 }
 
+/// `Endpoint::flags`: deliver through the host stack, not straight into the
+/// pod (the bandwidth plugin shapes it on its host veth).
+pub const ENDPOINT_THROUGH_STACK: u32 = 1;
+
 /// How packets reach a remote node.
-#[repr(u32)]
+#[repr(u16)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tunnel {
     /// `bpf_redirect_neigh` to the node's underlay address out of the uplink.
@@ -65,14 +82,40 @@ pub enum VxlanEncap {
     Program = 1,
 }
 
-/// Value of `BEELINE_REMOTE_CIDRS` (an LPM trie keyed by a remote podCIDR).
+/// Value of `BEELINE_REMOTE_CIDRS` (an LPM trie keyed by a remote podCIDR,
+/// or by a remote node's own address as a /32).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RemoteNode {
     /// Underlay (InternalIP) address of the node owning the CIDR, network byte order.
     pub node_addr: [u8; 4],
     /// A [`Tunnel`] value.
-    pub tunnel: u32,
+    pub tunnel: u16,
+    /// `REMOTE_*` bits.
+    pub flags: u16,
+}
+
+/// `RemoteNode::flags`: the key is the node's own address, not a podCIDR
+/// (over VXLAN, the inner frame goes to that node's VXLAN device).
+pub const REMOTE_IS_NODE: u16 = 1;
+
+/// The MAC of a node's VXLAN device, derived from its address so every
+/// node knows every other's: `02:be:` and the four address bytes.
+pub const fn vxlan_mac(node_addr: [u8; 4]) -> [u8; 6] {
+    [0x02, 0xbe, node_addr[0], node_addr[1], node_addr[2], node_addr[3]]
+}
+
+/// Key of `BEELINE_STACK_NAT`: a packet's addresses and ports as they are
+/// on the wire (network byte order), for TCP and UDP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub protocol: u8,
+    pub pad: [u8; 3],
 }
 
 /// The single value of `BEELINE_NODE_CONFIG`.
@@ -101,6 +144,7 @@ mod user {
     unsafe impl aya::Pod for RemoteNode {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for FlowKey {}
 }
 
 #[cfg(test)]
@@ -113,9 +157,10 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<EndpointKey>(), 4);
-        assert_eq!(size_of::<Endpoint>(), 16);
+        assert_eq!(size_of::<Endpoint>(), 20);
         assert_eq!(size_of::<RemoteNode>(), 8);
         assert_eq!(size_of::<NodeConfig>(), 20);
         assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 16);
     }
 }

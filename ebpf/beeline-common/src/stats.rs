@@ -75,8 +75,22 @@ numbered! {
         FromUplink = 1, "from_uplink", "beeline_from_uplink";
         /// tc ingress of the VXLAN device: decapsulated packets from other nodes.
         FromOverlay = 2, "from_overlay", "beeline_from_overlay";
+        /// tc egress of a pod's host veth: what the host stack sends the pod.
+        ToPod = 3, "to_pod", "beeline_to_pod";
+        /// tc egress of the uplink: what the host stack sends other hosts.
+        ToUplink = 4, "to_uplink", "beeline_to_uplink";
+        /// tc egress of the VXLAN device: what the host stack sends other
+        /// nodes' pods (routes to their podCIDRs lead there).
+        ToOverlay = 5, "to_overlay", "beeline_to_overlay";
     }
     extra: function -> &'static str;
+}
+
+impl Program {
+    /// Whether the program runs at tc egress (else ingress).
+    pub const fn egress(self) -> bool {
+        matches!(self, Program::ToPod | Program::ToUplink | Program::ToOverlay)
+    }
 }
 
 numbered! {
@@ -96,6 +110,24 @@ numbered! {
         DroppedMalformed = 4, "dropped_malformed", VerdictKind::Drop;
         /// A helper failed (redirect, tunnel key, header rewrite).
         DroppedHelperError = 5, "dropped_helper_error", VerdictKind::Drop;
+        /// For a pod whose traffic the host stack shapes (bandwidth plugin).
+        PassedThroughStack = 6, "passed_through_stack", VerdictKind::Pass;
+        /// A reply of a connection the host stack NATed (kube-proxy, portmap):
+        /// left to the stack, which reverses the translation.
+        PassedStackNat = 7, "passed_stack_nat", VerdictKind::Pass;
+        /// Egress: the stack NATed this connection; its replies are recorded
+        /// so the programs leave them to the stack.
+        RecordedStackNat = 8, "recorded_stack_nat", VerdictKind::Pass;
+        /// Egress: a NATed connection that could not be recorded (the map is
+        /// full): its replies may skip the stack.
+        StackNatMapFull = 9, "stack_nat_map_full", VerdictKind::Pass;
+        /// Egress: nothing to do, on to the device.
+        Continued = 10, "continued", VerdictKind::Pass;
+        /// The VXLAN device's egress: the remote node set as the tunnel's
+        /// destination, the device encapsulates.
+        TunnelKeySet = 11, "tunnel_key_set", VerdictKind::Pass;
+        /// The VXLAN device's egress: no node owns the destination.
+        DroppedNoRemoteNode = 12, "dropped_no_remote_node", VerdictKind::Drop;
     }
     extra: kind -> VerdictKind;
 }
@@ -114,6 +146,7 @@ mod tests {
             assert!((*v as u32) < MAX_VERDICTS);
             assert!(Verdict::ALL[i + 1..].iter().all(|w| w.name() != v.name()));
         }
+        assert!(Program::ToPod.egress() && !Program::FromPod.egress());
         assert_eq!(
             stats_slot(Program::FromOverlay, Verdict::DroppedHelperError),
             2 * MAX_VERDICTS + 5

@@ -34,7 +34,7 @@ pub fn to_remote_node(ctx: &TcContext, h: &mut Headers, remote: &RemoteNode) -> 
     if !h.decrement_ttl() {
         return Err(Verdict::PassedToHost);
     }
-    if remote.tunnel == Tunnel::Vxlan as u32 {
+    if remote.tunnel == Tunnel::Vxlan as u16 {
         if config.vxlan_encap == VxlanEncap::Program as u16 && config.uplink_ifindex != 0 {
             return vxlan::encapsulate(ctx, h, config, remote);
         }

@@ -2,7 +2,7 @@
 //! (from a pod, from the uplink, from the overlay) ends here.
 use aya_ebpf::{helpers::generated::bpf_redirect_peer, programs::TcContext};
 use aya_log_ebpf::debug;
-use beeline_common::{Endpoint, EndpointKey, Verdict};
+use beeline_common::{ENDPOINT_THROUGH_STACK, Endpoint, EndpointKey, Verdict};
 
 use crate::{
     maps::BEELINE_ENDPOINTS,
@@ -22,6 +22,9 @@ pub fn endpoint(addr: [u8; 4]) -> Option<Endpoint> {
 /// host's backlog).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, h: &mut Headers, ep: &Endpoint) -> Outcome {
+    if ep.flags & ENDPOINT_THROUGH_STACK != 0 {
+        return Err(Verdict::PassedThroughStack);
+    }
     if !h.decrement_ttl() {
         return Err(Verdict::PassedToHost);
     }

@@ -8,7 +8,8 @@ use std::{
 };
 
 use beeline_agent::{
-    cli::PodAttach, datapath::Datapath, masquerade, remote, sources::nodes::parse_node_list,
+    cli::PodAttach, datapath::Datapath, netfilter::masquerade, remote,
+    sources::nodes::parse_node_list,
 };
 use beeline_common::{Endpoint, RemoteNode, map_names};
 use beeline_tests::{BpffsDir, NetNs, Node, eventually_every};
@@ -211,6 +212,7 @@ pub(crate) fn phase_scale(cfg: &Cfg) -> R<Output> {
                             host_ifindex: 1000 + i as u32,
                             pod_mac: [0x02, 0, 0, 0, (i >> 8) as u8, i as u8],
                             host_mac: [0x02, 1, 0, 0, (i >> 8) as u8, i as u8],
+                            flags: 0,
                         },
                     )
                     .map_err(|e| format!("endpoint {i} of {}: {e:#}", cfg.endpoints))?;
