@@ -17,6 +17,7 @@ use crate::{
         cni_install::CniInstall,
         endpoints::Registry,
         nodes::{NetworkConfig, NodeSync},
+        stack_nat::StackNat,
     },
     retire::{self, Retirer},
     sources,
@@ -96,6 +97,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         node_source,
         registry_task,
         tokio::spawn(node_sync.run(nodes, args.resync_period)),
+        tokio::spawn(
+            StackNat {
+                map: datapath.stack_nat,
+                capacity: datapath::stack_nat_entries(),
+                metrics: metrics.clone(),
+            }
+            .run(args.resync_period),
+        ),
         tokio::spawn(
             CniInstall {
                 bin_dir: args.cni_bin_dir.clone(),

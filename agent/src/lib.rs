@@ -11,6 +11,7 @@
 //! - [`daemon`], [`uninstall`], [`inspect`]: the commands.
 pub mod api;
 pub mod cli;
+pub mod conntrack;
 pub mod daemon;
 pub mod datapath;
 pub mod health;
@@ -22,6 +23,7 @@ pub mod netfilter;
 pub mod owners;
 pub mod remote;
 pub mod retire;
+pub mod routes;
 pub mod sources;
 pub mod state;
 pub mod status;

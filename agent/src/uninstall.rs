@@ -31,7 +31,7 @@ pub async fn uninstall(args: UninstallArgs) -> Result<()> {
     }
     note(
         "the masquerade rules",
-        netfilter::masquerade::remove()
+        netfilter::table::remove()
             .map(|()| true)
             .map_err(Into::into),
     );
@@ -40,6 +40,10 @@ pub async fn uninstall(args: UninstallArgs) -> Result<()> {
         netfilter::forward::remove().map_err(Into::into),
     );
     let netlink = uplink::netlink()?;
+    note(
+        "the routes to other nodes' pods",
+        crate::routes::remove_all(&netlink).await.map(|n| n > 0),
+    );
     note("the VXLAN device", uplink::delete_vxlan(&netlink).await);
     // Pods still running keep their veths (their DEL removes those), but
     // lose Beeline's program: their traffic falls back to kernel routing.

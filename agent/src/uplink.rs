@@ -9,7 +9,7 @@ use rtnetlink::{
     Handle, LinkUnspec, LinkVxlan,
     packet_route::{
         address::AddressAttribute,
-        link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     },
 };
 
@@ -112,20 +112,42 @@ fn is_vxlan(link: &LinkMessage) -> bool {
     })
 }
 
-/// Creates (or reuses) the node's VXLAN device in external (collect_md)
-/// mode: the eBPF program sets the remote and VNI per packet.
-pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32> {
+/// Creates (or reuses, updating what differs) the node's VXLAN device in
+/// external (collect_md) mode: the programs set the remote and VNI per
+/// packet. It has no ARP (the host stack routes other nodes' podCIDRs to it
+/// with no neighbour to resolve) and a MAC derived from the node's address
+/// (`beeline_common::vxlan_mac`), which other nodes address frames for this
+/// node itself to.
+pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32, mac: [u8; 6]) -> Result<u32> {
     if let Some(link) = link_by_name(handle, VXLAN_DEVICE).await? {
         if !is_vxlan(&link) {
             anyhow::bail!("{VXLAN_DEVICE} exists but is not a VXLAN device; remove it");
         }
         let index = link.header.index;
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
-            .execute()
-            .await
-            .context("updating the VXLAN device")?;
+        let flags = link.header.flags;
+        let current_mac = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(m) => Some(m.clone()),
+            _ => None,
+        });
+        let in_line = mtu_of(&link) == mtu
+            && current_mac.as_deref() == Some(&mac[..])
+            && flags.contains(LinkFlags::Noarp)
+            && flags.contains(LinkFlags::Up);
+        if !in_line {
+            handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .mtu(mtu)
+                        .address(mac.to_vec())
+                        .arp(false)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .context("updating the VXLAN device")?;
+        }
         return Ok(index);
     }
     // In collect_md mode the device id stays 0: the per-packet tunnel key
@@ -136,6 +158,8 @@ pub async fn ensure_vxlan(handle: &Handle, port: u16, mtu: u32) -> Result<u32> {
         .learning(false)
         .collect_metadata(true)
         .mtu(mtu)
+        .address(mac.to_vec())
+        .arp(false)
         .up()
         .build();
     handle

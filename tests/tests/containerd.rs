@@ -85,7 +85,12 @@ fn containerd_runs_pods_on_the_config_the_agent_installs() {
     let ready = eventually(Duration::from_secs(10), || {
         ctd.block_on(cri.status()).unwrap().network_ready
     });
-    assert!(ready, "{:?}\n{}", ctd.block_on(cri.status()), ctd.log_text());
+    assert!(
+        ready,
+        "{:?}\n{}",
+        ctd.block_on(cri.status()),
+        ctd.log_text()
+    );
     let conflist: serde_json::Value =
         serde_json::from_slice(&std::fs::read(conf_dir.join("10-beeline.conflist")).unwrap())
             .unwrap();
@@ -121,7 +126,10 @@ fn containerd_runs_pods_on_the_config_the_agent_installs() {
             .iter()
             .find(|e| e["ip"] == s.ip.as_str())
             .unwrap_or_else(|| panic!("{} not in the endpoint map: {endpoints:?}", s.ip));
-        assert_eq!((&row["namespace"], &row["pod"]), (&"default".into(), &name.into()));
+        assert_eq!(
+            (&row["namespace"], &row["pod"]),
+            (&"default".into(), &name.into())
+        );
     }
 
     let mut containers = Vec::new();
@@ -181,8 +189,16 @@ fn containerd_runs_pods_on_the_config_the_agent_installs() {
     }
     assert!(ctd.block_on(cri.list_pod_sandbox()).unwrap().is_empty());
     assert_eq!(node0.pod_veths(), Vec::<String>::new(), "veths left");
-    assert_eq!(node0.map_endpoints(), Vec::<serde_json::Value>::new(), "endpoints left");
-    assert_eq!(allocations(&ipam_dir), Vec::<String>::new(), "addresses left");
+    assert_eq!(
+        node0.map_endpoints(),
+        Vec::<serde_json::Value>::new(),
+        "endpoints left"
+    );
+    assert_eq!(
+        allocations(&ipam_dir),
+        Vec::<String>::new(),
+        "addresses left"
+    );
 
     // The agent down: RunPodSandbox fails cleanly (try again later), and
     // works once the agent is back.
@@ -192,8 +208,16 @@ fn containerd_runs_pods_on_the_config_the_agent_installs() {
         .expect_err("a pod started without an agent");
     assert!(err.message().contains("try again later"), "{err}");
     let node0 = &cluster.nodes[0];
-    assert_eq!(node0.pod_veths(), Vec::<String>::new(), "veths left by the failed pod");
-    assert_eq!(allocations(&ipam_dir), Vec::<String>::new(), "addresses left by the failed pod");
+    assert_eq!(
+        node0.pod_veths(),
+        Vec::<String>::new(),
+        "veths left by the failed pod"
+    );
+    assert_eq!(
+        allocations(&ipam_dir),
+        Vec::<String>::new(),
+        "addresses left by the failed pod"
+    );
     cluster.nodes[0].start_agent(&args);
     let late = ctd
         .block_on(cri.run_pod_sandbox("late", "default", &uid("late2"), &[]))

@@ -389,8 +389,15 @@ fn masquerade_takes_thousands_of_cidrs_that_do_not_merge() {
     assert_eq!(Ipv4Net::aggregate(&scattered).len(), scattered.len());
     let pod_cidr: Ipv4Net = "10.244.1.0/24".parse().unwrap();
     let apply = |n: usize| {
-        ns.enter(|| beeline_agent::netfilter::masquerade::apply(pod_cidr, &scattered[..n]))
-            .unwrap_or_else(|e| panic!("masquerade with {n} exceptions: {e}"))
+        ns.enter(|| {
+            beeline_agent::netfilter::table::apply(Some(
+                &beeline_agent::netfilter::table::Masquerade {
+                    pod_cidr,
+                    exceptions: scattered[..n].to_vec(),
+                },
+            ))
+        })
+        .unwrap_or_else(|e| panic!("masquerade with {n} exceptions: {e}"))
     };
     apply(5000);
     assert_eq!(

@@ -37,11 +37,19 @@ fn after_a_reboot_nothing_of_before_is_held_and_a_full_pod_cidr_refills() {
     assert_eq!(node.allocated_ips().len(), 14, "the IP store was not kept");
     node.start_agent(&[]);
 
-    assert_eq!(node.allocated_ips(), Vec::<String>::new(), "addresses of before held");
+    assert_eq!(
+        node.allocated_ips(),
+        Vec::<String>::new(),
+        "addresses of before held"
+    );
     assert_eq!(node.map_endpoints(), Vec::<serde_json::Value>::new());
     let state = std::fs::read_to_string(node.state_dir().join("endpoints.json")).unwrap();
     let state: serde_json::Value = serde_json::from_str(&state).unwrap();
-    assert_eq!(state["endpoints"], serde_json::json!([]), "endpoints of before kept");
+    assert_eq!(
+        state["endpoints"],
+        serde_json::json!([]),
+        "endpoints of before kept"
+    );
     let pods: Vec<Pod> = (0..14).map(|_| Pod::add(&node, "1.1.0")).collect();
     assert!(pods[0].ns.ping(pods[13].ip, 1));
     for pod in &pods {
@@ -63,7 +71,9 @@ fn a_pod_gone_without_a_del_is_released_and_a_live_pod_never_is() {
     let Pod { ns, .. } = a;
     drop(ns);
     assert!(
-        eventually(Duration::from_secs(3), || !node.allocated_ips().contains(&a_ip)),
+        eventually(Duration::from_secs(3), || !node
+            .allocated_ips()
+            .contains(&a_ip)),
         "the address of a pod that is gone was not released"
     );
     assert!(!node.map_endpoints().iter().any(|e| e["ip"] == a_ip));
@@ -85,13 +95,20 @@ fn a_pod_gone_without_a_del_is_released_and_a_live_pod_never_is() {
         "a live pod's address was released"
     );
     b.del(&node);
-    assert!(eventually(Duration::from_secs(3), || node.http_get("/readyz").0 == 200));
+    assert!(eventually(Duration::from_secs(3), || node
+        .http_get("/readyz")
+        .0
+        == 200));
     node.assert_nothing_left();
 }
 
 /// `iptables -S <chain>` in `ns` (iptables-nft, as Debian ships it).
 fn iptables_s(ns: &NetNs, chain: &str) -> String {
-    let out = ns.cmd("iptables").args(["-w", "-S", chain]).output().unwrap();
+    let out = ns
+        .cmd("iptables")
+        .args(["-w", "-S", chain])
+        .output()
+        .unwrap();
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -105,7 +122,10 @@ fn with_forward_policy_drop_egress_and_host_ports_work_and_uninstall_cleans_up()
     let external_ip = Ipv4Addr::new(192, 168, 100, 201);
     let external = cluster.external_host(external_ip);
     // What Docker does to a node.
-    run(cluster.nodes[0].ns.cmd("iptables").args(["-w", "-P", "FORWARD", "DROP"]));
+    run(cluster.nodes[0]
+        .ns
+        .cmd("iptables")
+        .args(["-w", "-P", "FORWARD", "DROP"]));
     cluster.start(&["--mode", "direct", "--resync-period=1s"]);
     let node = &cluster.nodes[0];
     let forward = iptables_s(&node.ns, "FORWARD");
@@ -117,7 +137,10 @@ fn with_forward_policy_drop_egress_and_host_ports_work_and_uninstall_cleans_up()
     let ours = iptables_s(&node.ns, "BEELINE-FORWARD");
     for cidr in ["10.244.1.0/24", "10.244.2.0/24"] {
         for side in ["-s", "-d"] {
-            assert!(ours.contains(&format!("{side} {cidr} -m comment")), "{ours}");
+            assert!(
+                ours.contains(&format!("{side} {cidr} -m comment")),
+                "{ours}"
+            );
         }
     }
     assert!(!ours.contains("incompatible"), "{ours}");
@@ -170,10 +193,13 @@ fn with_forward_policy_drop_egress_and_host_ports_work_and_uninstall_cleans_up()
 
     // The rules come back after a flush, and the node's uninstall removes them.
     run(node.ns.cmd("iptables").args(["-w", "-F", "FORWARD"]));
-    assert!(eventually(Duration::from_secs(5), || iptables_s(&node.ns, "FORWARD")
-        .contains("-j BEELINE-FORWARD")));
+    assert!(eventually(Duration::from_secs(5), || iptables_s(
+        &node.ns, "FORWARD"
+    )
+    .contains("-j BEELINE-FORWARD")));
     assert!(node.metric("beeline_repairs_total{kind=\"forward_rules\"}") >= 1.0);
-    rt.del("1.0.0", at, Some(&result)).expect("DEL through the chain");
+    rt.del("1.0.0", at, Some(&result))
+        .expect("DEL through the chain");
     other.del(&cluster.nodes[1]);
     let node = &mut cluster.nodes[0];
     node.kill_agent();
@@ -185,10 +211,17 @@ fn with_forward_policy_drop_egress_and_host_ports_work_and_uninstall_cleans_up()
         .arg(format!("--state-dir={}", node.state_dir().display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let forward = iptables_s(&node.ns, "FORWARD");
     assert!(!forward.contains("BEELINE"), "{forward}");
-    assert!(forward.contains("-P FORWARD DROP"), "uninstall changed the policy: {forward}");
+    assert!(
+        forward.contains("-P FORWARD DROP"),
+        "uninstall changed the policy: {forward}"
+    );
     let chains = Command::new("nsenter")
         .arg(format!("--net={}", node.ns.path().display()))
         .args(["iptables", "-w", "-S"])

@@ -80,9 +80,9 @@ fn damage_done_by_hand_is_visible_and_repaired_without_a_restart() {
     // 3. The masquerade table, gone with every other table (a firewall
     //    reload does the same).
     run(node.ns.cmd("nft").args(["flush", "ruleset"]));
-    degraded_readyz(&node, "masquerade_table");
+    degraded_readyz(&node, "nftables_table");
     ready_again(&node);
-    assert!(repairs(&node, "masquerade_table") >= 1.0);
+    assert!(repairs(&node, "nftables_table") >= 1.0);
     let tables = run(node.ns.cmd("nft").args(["list", "tables"]));
     assert!(
         String::from_utf8_lossy(&tables.stdout).contains("beeline"),

@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use beeline_agent::{
     cli::PodAttach,
-    datapath::{Datapath, OBJECT, layout},
+    datapath::{Datapath, declared_layouts, layout},
 };
 use beeline_tests::*;
 
@@ -111,7 +111,7 @@ fn the_previous_release_is_replaced_without_losing_an_endpoint_or_a_packet() {
 #[test]
 fn a_pinned_map_of_another_layout_is_replaced_at_start() {
     require_root();
-    let declared = layout::declared(OBJECT).unwrap();
+    let declared = declared_layouts().unwrap();
     // Another map type bpftool can create with the same key and value.
     let other_type = |t: u32| match t {
         1 => "lru_hash",     // BPF_MAP_TYPE_HASH

@@ -114,7 +114,7 @@ impl Programs {
             None => prog
                 .attach_with_options(
                     ifname,
-                    TcAttachType::Ingress,
+                    attach_type(program),
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .with_context(|| format!("attaching {} to {ifname}", program.function()))?,
@@ -135,42 +135,54 @@ impl Programs {
         }
     }
 
-    /// Attaches the from-pod program to a pod's host veth the configured
-    /// way, or swaps this process's program into an existing attachment.
+    /// Attaches the pod programs (from-pod at ingress, to-pod at egress)
+    /// to a pod's host veth the configured way, or swaps this process's
+    /// programs into existing attachments.
     pub fn attach_pod(&self, ifname: &str) -> Result<()> {
-        match self.pod_attach() {
-            PodAttach::Tc => self.attach_filter(ifname),
-            PodAttach::Tcx => self.attach_link(ifname, Program::FromPod),
+        for program in POD_PROGRAMS {
+            match self.pod_attach() {
+                PodAttach::Tc => self.attach_filter(ifname, program)?,
+                PodAttach::Tcx => self.attach_link(ifname, program)?,
+            }
         }
+        Ok(())
     }
 
-    /// Removes an attachment of the other kind, left by an agent that ran
-    /// with the other `--pod-attach` (only restored pods can have one).
+    /// Removes attachments of the other kind, left by an agent that ran
+    /// with the other `--pod-attach` (only restored pods can have them).
     pub fn drop_other_pod_attach(&self, ifname: &str) -> Result<()> {
         match self.pod_attach() {
-            PodAttach::Tc => self.detach_link(ifname, Program::FromPod),
+            PodAttach::Tc => POD_PROGRAMS
+                .iter()
+                .try_for_each(|p| self.detach_link(ifname, *p)),
             PodAttach::Tcx => detach_from_pod_veth(ifname),
         }
     }
 
-    /// Removes the from-pod program from a host veth, whichever way it was
+    /// Removes the pod programs from a host veth, whichever way they were
     /// attached (gone already is fine).
     pub fn detach_pod(&self, ifname: &str) -> Result<()> {
-        self.detach_link(ifname, Program::FromPod)?;
+        for program in POD_PROGRAMS {
+            self.detach_link(ifname, program)?;
+        }
         detach_from_pod_veth(ifname)
     }
 
-    /// Whether a pod's host veth runs the from-pod program.
+    /// Whether a pod's host veth runs both pod programs.
     pub async fn pod_attached(
         &self,
         netlink: &rtnetlink::Handle,
         ifname: &str,
         ifindex: u32,
     ) -> Result<bool> {
-        if self.has_link(ifname, Program::FromPod) {
-            return Ok(true);
+        for program in POD_PROGRAMS {
+            let attached = self.has_link(ifname, program)
+                || pod_program_id(netlink, ifindex, program).await?.is_some();
+            if !attached {
+                return Ok(false);
+            }
         }
-        Ok(pod_program_id(netlink, ifindex).await?.is_some())
+        Ok(true)
     }
 
     /// A cls_bpf filter on the veth's clsact qdisc. A TCX attach waits out a
@@ -178,14 +190,14 @@ impl Programs {
     /// 2-CPU VM, stalling every other netlink user on the node); a filter on
     /// a fresh clsact qdisc costs an expedited one. It lives as long as the
     /// veth.
-    fn attach_filter(&self, ifname: &str) -> Result<()> {
+    fn attach_filter(&self, ifname: &str, program: Program) -> Result<()> {
         match tc::qdisc_add_clsact(ifname) {
             Ok(()) => {}
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).with_context(|| format!("adding clsact to {ifname}")),
         }
         let mut inner = self.lock();
-        let prog = inner.program(Program::FromPod)?;
+        let prog = inner.program(program)?;
         let options = NlOptions {
             priority: POD_FILTER_PRIORITY,
             handle: POD_FILTER_HANDLE,
@@ -193,7 +205,7 @@ impl Programs {
         };
         let id = match prog.attach_with_options(
             ifname,
-            TcAttachType::Ingress,
+            attach_type(program),
             TcAttachOptions::Netlink(options),
         ) {
             Ok(id) => id,
@@ -203,7 +215,7 @@ impl Programs {
                 debug!(ifname, "replacing the program of a pod filter");
                 let existing = SchedClassifierLink::attached(
                     ifname,
-                    TcAttachType::Ingress,
+                    attach_type(program),
                     POD_FILTER_PRIORITY,
                     POD_FILTER_HANDLE,
                     None,
@@ -218,9 +230,28 @@ impl Programs {
     }
 }
 
-/// Removes the from-pod cls_bpf filter of a host veth (gone already is fine).
+/// The programs on every pod's host veth.
+const POD_PROGRAMS: [Program; 2] = [Program::FromPod, Program::ToPod];
+
+fn attach_type(program: Program) -> TcAttachType {
+    if program.egress() {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    }
+}
+
+/// Removes the pod programs' cls_bpf filters from a host veth (gone already
+/// is fine).
 pub fn detach_from_pod_veth(ifname: &str) -> Result<()> {
-    match tc::qdisc_detach_program(ifname, TcAttachType::Ingress, Program::FromPod.function()) {
+    for program in POD_PROGRAMS {
+        detach_filter(ifname, program)?;
+    }
+    Ok(())
+}
+
+fn detach_filter(ifname: &str, program: Program) -> Result<()> {
+    match tc::qdisc_detach_program(ifname, attach_type(program), program.function()) {
         Ok(()) => Ok(()),
         Err(TcError::IoError(e))
             if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) =>
@@ -239,15 +270,21 @@ pub fn detach_from_pod_veth(ifname: &str) -> Result<()> {
     }
 }
 
-/// The id of the from-pod program filtering ingress of `ifindex`, if any.
-pub async fn pod_program_id(netlink: &rtnetlink::Handle, ifindex: u32) -> Result<Option<u32>> {
+/// The id of `program` filtering `ifindex` (at its hook), if any.
+pub async fn pod_program_id(
+    netlink: &rtnetlink::Handle,
+    ifindex: u32,
+    program: Program,
+) -> Result<Option<u32>> {
     use futures::TryStreamExt;
     use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
-    let mut filters = netlink
-        .traffic_filter(ifindex as i32)
-        .get()
-        .ingress()
-        .execute();
+    let request = netlink.traffic_filter(ifindex as i32).get();
+    let mut filters = if program.egress() {
+        request.egress()
+    } else {
+        request.ingress()
+    }
+    .execute();
     while let Some(filter) = filters.try_next().await? {
         let options = filter.attributes.iter().find_map(|a| match a {
             TcAttribute::Options(o) => Some(o),
@@ -262,7 +299,7 @@ pub async fn pod_program_id(netlink: &rtnetlink::Handle, ifindex: u32) -> Result
             }
         }
         // The kernel reports the program's name as "<name>" or "<section>:[<name>]".
-        if name.is_some_and(|n| n.contains(Program::FromPod.function())) {
+        if name.is_some_and(|n| n.contains(program.function())) {
             return Ok(id);
         }
     }

@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::{
     cli::PodAttach,
-    maps::{self, EndpointsMap, NodeConfigMap, RemoteCidrsMap},
+    maps::{self, EndpointsMap, NodeConfigMap, RemoteCidrsMap, StackNatMap},
 };
 
 mod attach;
@@ -32,6 +32,7 @@ pub struct Datapath {
     pub endpoints: EndpointsMap,
     pub remote_cidrs: RemoteCidrsMap,
     pub node_config: NodeConfigMap,
+    pub stack_nat: StackNatMap,
     /// Reader of the programs' aya-log records (see [`forward_logs`]).
     pub logger: Option<EbpfLogger>,
     /// Maps whose old pins had another layout (an older agent's).
@@ -44,7 +45,7 @@ impl Datapath {
     pub fn load(bpffs: &Path, debug_logs: bool, pod_attach: PodAttach) -> Result<Datapath> {
         ensure_bpffs(bpffs)?;
         std::fs::create_dir_all(bpffs.join(LINKS_DIR))?;
-        let declared = layout::declared(OBJECT)?;
+        let declared = declared_layouts()?;
         let replaced_maps = layout::unpin_outdated(bpffs, &declared)?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
@@ -57,6 +58,7 @@ impl Datapath {
             0
         };
         loader.override_global(aya_log::LEVEL, &log_level, true);
+        loader.map_max_entries(map_names::STACK_NAT, stack_nat_entries());
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -83,16 +85,41 @@ impl Datapath {
         let endpoints = EndpointsMap::new(maps::take(&mut ebpf, map_names::ENDPOINTS)?)?;
         let remote_cidrs = RemoteCidrsMap::new(maps::take(&mut ebpf, map_names::REMOTE_CIDRS)?)?;
         let node_config = NodeConfigMap::new(maps::take(&mut ebpf, map_names::NODE_CONFIG)?)?;
+        let stack_nat = StackNatMap::new(maps::take(&mut ebpf, map_names::STACK_NAT)?)?;
         info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
         Ok(Datapath {
             programs: Programs::new(ebpf, bpffs, pod_attach),
             endpoints,
             remote_cidrs,
             node_config,
+            stack_nat,
             logger,
             replaced_maps,
         })
     }
+}
+
+/// Room for every connection conntrack can hold: no more NATed connections
+/// can exist (a pin of another size is replaced, and refilled from
+/// conntrack, at the next start).
+pub fn stack_nat_entries() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(beeline_common::DEFAULT_STACK_NAT_ENTRIES)
+}
+
+/// Every pinned map's layout as this build loads it: the object's map
+/// definitions, with the sizes the agent sets at load time.
+pub fn declared_layouts() -> Result<Vec<(&'static str, layout::Layout)>> {
+    let mut declared = layout::declared(OBJECT)?;
+    for (name, layout) in &mut declared {
+        if *name == map_names::STACK_NAT {
+            layout.max_entries = stack_nat_entries();
+        }
+    }
+    Ok(declared)
 }
 
 /// Forwards the programs' aya-log records into this process's logs.

@@ -11,7 +11,7 @@ use std::{
 use nftnl::{FinalizedBatch, nftnl_sys as sys};
 
 pub mod forward;
-pub mod masquerade;
+pub mod table;
 
 /// The names of the tables in this netns, of every family.
 pub fn tables() -> io::Result<HashSet<CString>> {

@@ -5,7 +5,8 @@
 //!   entries, pod programs, the persisted endpoints);
 //! - [`nodes`]: Nodes into this node's podCIDR and uplink, the remote CIDR
 //!   map and the masquerade table; publishes [`crate::status::NodeState`];
-//! - [`cni_install`]: the CNI binary and config, once the node is ready.
+//! - [`cni_install`]: the CNI binary and config, once the node is ready;
+//! - [`stack_nat`]: the connections the host stack NATed, from conntrack.
 //!
 //! Each reconciles when its input changes, every period (which repairs what
 //! was changed behind its back), and after a failure sooner, with backoff.
@@ -21,6 +22,7 @@ use crate::metrics::Metrics;
 pub mod cni_install;
 pub mod endpoints;
 pub mod nodes;
+pub mod stack_nat;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// Failures are logged at most this often per owner (with a count).

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use beeline_common::{NodeConfig, Program, RemoteNode, VXLAN_OVERHEAD, VxlanEncap};
+use beeline_common::{NodeConfig, Program, RemoteNode, VXLAN_OVERHEAD, VxlanEncap, vxlan_mac};
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::info;
@@ -16,8 +16,12 @@ use crate::{
     datapath::Programs,
     maps::{NodeConfigMap, RemoteCidrsMap},
     metrics::Metrics,
-    netfilter::{forward, masquerade},
+    netfilter::{
+        forward,
+        table::{self, Masquerade},
+    },
     remote::{Mode, desired_entries},
+    routes,
     sources::nodes::{NodeRoute, Snapshot},
     status::{Conditions, NodeState},
     uplink::{self, Uplink, VXLAN_DEVICE},
@@ -48,14 +52,6 @@ impl NetworkConfig {
     }
 }
 
-/// The masquerade table: this node's podCIDR, and the destinations that keep
-/// the pod's address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MasqueradeSpec {
-    pub pod_cidr: Ipv4Net,
-    pub exceptions: Vec<Ipv4Net>,
-}
-
 /// Every node's podCIDR and the configured exceptions, merged: nodes'
 /// podCIDRs come out of one cluster CIDR, so thousands of nodes make a
 /// handful of rules (and one netlink batch).
@@ -63,11 +59,11 @@ pub fn desired_masquerade(
     config: &NetworkConfig,
     pod_cidr: Option<Ipv4Net>,
     nodes: &[NodeRoute],
-) -> Option<MasqueradeSpec> {
+) -> Option<Masquerade> {
     let pod_cidr = pod_cidr.filter(|_| config.masquerade)?;
     let mut exceptions: Vec<Ipv4Net> = nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect();
     exceptions.extend(config.no_masquerade.iter().copied());
-    Some(MasqueradeSpec {
+    Some(Masquerade {
         pod_cidr,
         exceptions: Ipv4Net::aggregate(&exceptions),
     })
@@ -89,8 +85,9 @@ pub struct NodeSync {
     /// drift (repaired, counted) from input changes.
     uplink: Option<Uplink>,
     remote_applied: Option<BTreeMap<Ipv4Net, RemoteNode>>,
-    masquerade_applied: Option<MasqueradeSpec>,
+    table_applied: Option<Option<Masquerade>>,
     forward_applied: Option<Vec<Ipv4Net>>,
+    routes_applied: Option<BTreeMap<Ipv4Net, routes::Via>>,
     /// Drift found in the current pass, by kind.
     found: BTreeMap<String, String>,
 }
@@ -123,8 +120,9 @@ impl NodeSync {
             conditions,
             uplink: None,
             remote_applied: None,
-            masquerade_applied: None,
+            table_applied: None,
             forward_applied: None,
+            routes_applied: None,
             found: BTreeMap::new(),
         };
         (sync, rx)
@@ -169,13 +167,14 @@ impl NodeSync {
         // Maps first: programs attached below never see them empty.
         self.sync_remote(nodes, uplink.as_ref().map(|u| u.net))?;
         if let Some(up) = &uplink {
-            self.local_datapath(up).await?;
+            let vxlan_ifindex = self.local_datapath(up).await?;
+            self.sync_routes(up, vxlan_ifindex).await?;
         }
         if uplink != self.uplink {
             info!(from = ?self.uplink, to = ?uplink, "uplink");
             self.uplink = uplink.clone();
         }
-        self.sync_masquerade(desired_masquerade(&self.network, pod_cidr, nodes))?;
+        self.sync_table(desired_masquerade(&self.network, pod_cidr, nodes))?;
         self.sync_forward(Ipv4Net::aggregate(
             &nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect(),
         ))?;
@@ -206,13 +205,14 @@ impl NodeSync {
     /// The VXLAN device, the node config map and the programs on the uplink
     /// and the VXLAN device; each checked every pass and repaired if changed
     /// behind the agent's back. Maps are filled before programs are attached.
-    async fn local_datapath(&mut self, up: &Uplink) -> Result<()> {
+    async fn local_datapath(&mut self, up: &Uplink) -> Result<u32> {
         let first = self.uplink.as_ref() != Some(up);
         let vxlan_ifindex = if self.network.mode.may_encapsulate() {
             uplink::ensure_vxlan(
                 &self.netlink,
                 self.network.vxlan_port,
                 up.mtu - VXLAN_OVERHEAD,
+                vxlan_mac(up.net.addr().octets()),
             )
             .await?
         } else {
@@ -233,9 +233,13 @@ impl NodeSync {
             self.node_config.set(config)?;
             self.repaired_unless(first, "node_config", &up.ifname);
         }
-        let mut links = vec![(up.ifname.as_str(), Program::FromUplink)];
+        let mut links = vec![
+            (up.ifname.as_str(), Program::FromUplink),
+            (up.ifname.as_str(), Program::ToUplink),
+        ];
         if vxlan_ifindex != 0 {
             links.push((VXLAN_DEVICE, Program::FromOverlay));
+            links.push((VXLAN_DEVICE, Program::ToOverlay));
         }
         for (ifname, program) in links {
             // At the first setup of this process, always: a restarted agent
@@ -254,6 +258,32 @@ impl NodeSync {
                 .context("enabling IPv4 forwarding")?;
             info!(uplink = %up.ifname, mtu = up.mtu, net = %up.net, vxlan_ifindex, mode = ?self.network.mode, "node datapath ready");
         }
+        Ok(vxlan_ifindex)
+    }
+
+    /// Kernel routes to the other nodes' podCIDRs, for what the host stack
+    /// sends there; put back if deleted.
+    async fn sync_routes(&mut self, up: &Uplink, vxlan_ifindex: u32) -> Result<()> {
+        let Some(remote) = &self.remote_applied else {
+            return Ok(());
+        };
+        let desired = routes::desired(remote, up, vxlan_ifindex);
+        let changed = self.routes_applied.as_ref() != Some(&desired);
+        let (added, removed) = routes::sync(&self.netlink, &desired, up.net.addr()).await?;
+        if added + removed > 0 {
+            info!(
+                added,
+                removed,
+                routes = desired.len(),
+                "routes to other nodes' pods"
+            );
+            self.repaired_unless(
+                changed,
+                "pod_cidr_route",
+                &format!("{added} added, {removed} removed"),
+            );
+        }
+        self.routes_applied = Some(desired);
         Ok(())
     }
 
@@ -283,19 +313,16 @@ impl NodeSync {
         Ok(())
     }
 
-    fn sync_masquerade(&mut self, desired: Option<MasqueradeSpec>) -> Result<()> {
-        let Some(spec) = desired else {
-            return Ok(());
-        };
-        let changed = self.masquerade_applied.as_ref() != Some(&spec);
-        let missing =
-            !changed && !masquerade::installed().context("listing the nftables tables")?;
+    /// Beeline's nftables table: the stack-NAT mark, and the masquerade
+    /// rules once the node has a podCIDR (unless `--no-masquerade`).
+    fn sync_table(&mut self, masquerade: Option<Masquerade>) -> Result<()> {
+        let changed = self.table_applied.as_ref() != Some(&masquerade);
+        let missing = !changed && !table::installed().context("listing the nftables tables")?;
         if changed || missing {
-            masquerade::apply(spec.pod_cidr, &spec.exceptions)
-                .context("installing the masquerade rules")?;
-            self.repaired_unless(!missing, "masquerade_table", "table ip beeline was missing");
+            table::apply(masquerade.as_ref()).context("installing the nftables table")?;
+            self.repaired_unless(!missing, "nftables_table", "table ip beeline was missing");
         }
-        self.masquerade_applied = Some(spec);
+        self.table_applied = Some(masquerade);
         Ok(())
     }
 

@@ -152,7 +152,7 @@ impl Record {
     }
 
     /// Whether the record was written in another boot than `boot`.
-    fn from_another_boot(&self, boot: &str) -> bool {
+    fn written_in_another_boot(&self, boot: &str) -> bool {
         !boot.is_empty() && self.pod.as_ref().is_some_and(|p| p.boot_id != boot)
     }
 }
@@ -291,7 +291,7 @@ impl IpStore {
         let boot = boot_id();
         for (ip, held) in &records {
             if let Some(held) = held
-                && (held.from_another_boot(&boot) || dead(held))
+                && (held.written_in_another_boot(&boot) || dead(held))
             {
                 self.remove(*ip)?;
                 taken.remove(ip);

@@ -102,7 +102,14 @@ pub const REMOTE_IS_NODE: u16 = 1;
 /// The MAC of a node's VXLAN device, derived from its address so every
 /// node knows every other's: `02:be:` and the four address bytes.
 pub const fn vxlan_mac(node_addr: [u8; 4]) -> [u8; 6] {
-    [0x02, 0xbe, node_addr[0], node_addr[1], node_addr[2], node_addr[3]]
+    [
+        0x02,
+        0xbe,
+        node_addr[0],
+        node_addr[1],
+        node_addr[2],
+        node_addr[3],
+    ]
 }
 
 /// Key of `BEELINE_STACK_NAT`: a packet's addresses and ports as they are

@@ -89,7 +89,10 @@ numbered! {
 impl Program {
     /// Whether the program runs at tc egress (else ingress).
     pub const fn egress(self) -> bool {
-        matches!(self, Program::ToPod | Program::ToUplink | Program::ToOverlay)
+        matches!(
+            self,
+            Program::ToPod | Program::ToUplink | Program::ToOverlay
+        )
     }
 }
 

@@ -7,6 +7,7 @@ use beeline_common::{ENDPOINT_THROUGH_STACK, Endpoint, EndpointKey, Verdict};
 use crate::{
     maps::BEELINE_ENDPOINTS,
     packet::Headers,
+    stack_nat,
     stats::{Outcome, redirected},
 };
 
@@ -42,11 +43,11 @@ pub fn deliver(ctx: &TcContext, h: &mut Headers, ep: &Endpoint) -> Outcome {
     outcome
 }
 
-/// Delivers a packet to its destination pod if that pod is on this node.
+/// Delivers a packet from another node to its destination pod if that pod
+/// is on this node, and the packet is not a reply the stack must translate.
 #[inline(always)]
 pub fn to_local_pod(ctx: &TcContext, h: &mut Headers) -> Outcome {
-    match endpoint(h.daddr()) {
-        Some(ep) => deliver(ctx, h, &ep),
-        None => Err(Verdict::PassedToHost),
-    }
+    let ep = endpoint(h.daddr()).ok_or(Verdict::PassedToHost)?;
+    stack_nat::leave_replies_to_stack(ctx, h)?;
+    deliver(ctx, h, &ep)
 }

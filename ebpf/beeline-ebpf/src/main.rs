@@ -2,10 +2,13 @@
 //! (Cilium's `bpf_lxc` / `bpf_host` / `bpf_overlay` split), each a thin
 //! entry point over a `try_` function whose error is the packet's verdict.
 //!
-//! - `pod`: packets leaving a pod (its host veth's ingress);
-//! - `node`: packets from other nodes (the uplink's and VXLAN device's ingress);
+//! - `pod`: a pod's host veth (ingress: packets leaving the pod; egress:
+//!   what the host stack sends it);
+//! - `node`: the uplink and the VXLAN device (ingress: packets from other
+//!   nodes; egress: what the host stack sends out);
 //! - `local_delivery`: the one place a packet enters a pod;
 //! - `forward` and `vxlan`: to other nodes, directly or encapsulated;
+//! - `stack_nat`: replies of connections the host stack NATed go back to it;
 //! - `packet`: header access; `maps`: every map; `stats`: verdict counters.
 #![no_std]
 #![no_main]
@@ -16,6 +19,7 @@ mod maps;
 mod node;
 mod packet;
 mod pod;
+mod stack_nat;
 mod stats;
 mod vxlan;
 
@@ -35,6 +39,21 @@ pub fn beeline_from_uplink(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn beeline_from_overlay(ctx: TcContext) -> i32 {
     stats::finish(&ctx, Program::FromOverlay, node::try_from_overlay(&ctx))
+}
+
+#[classifier]
+pub fn beeline_to_pod(ctx: TcContext) -> i32 {
+    stats::finish(&ctx, Program::ToPod, pod::try_to_pod(&ctx))
+}
+
+#[classifier]
+pub fn beeline_to_uplink(ctx: TcContext) -> i32 {
+    stats::finish(&ctx, Program::ToUplink, node::try_to_uplink(&ctx))
+}
+
+#[classifier]
+pub fn beeline_to_overlay(ctx: TcContext) -> i32 {
+    stats::finish(&ctx, Program::ToOverlay, node::try_to_overlay(&ctx))
 }
 
 #[cfg(not(test))]

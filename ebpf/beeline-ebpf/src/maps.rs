@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use beeline_common::{
-    Counter, Endpoint, EndpointKey, MAX_ENDPOINTS, MAX_REMOTE_CIDRS, NodeConfig, RemoteNode,
-    STATS_SLOTS,
+    Counter, DEFAULT_STACK_NAT_ENTRIES, Endpoint, EndpointKey, FlowKey, MAX_ENDPOINTS,
+    MAX_REMOTE_CIDRS, NodeConfig, RemoteNode, STATS_SLOTS,
 };
 
 /// Local pods by IPv4 address: where to deliver their packets.
@@ -22,6 +22,12 @@ pub static BEELINE_REMOTE_CIDRS: LpmTrie<[u8; 4], RemoteNode, { MAX_REMOTE_CIDRS
 /// This node: uplink, VXLAN device and settings.
 #[btf_map]
 pub static BEELINE_NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Replies of connections the host stack NATed, by their tuple: left to the
+/// stack (see `stack_nat`). The agent sizes it to the node's conntrack.
+#[btf_map]
+pub static BEELINE_STACK_NAT: HashMap<FlowKey, u32, { DEFAULT_STACK_NAT_ENTRIES as usize }> =
+    HashMap::new();
 
 /// Packet counters by (program, verdict), see `beeline_common::stats_slot`.
 #[btf_map]

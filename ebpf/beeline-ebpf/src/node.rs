@@ -1,14 +1,18 @@
 //! The programs on the node's own devices: `beeline_from_uplink` (tc
 //! ingress of the uplink) and `beeline_from_overlay` (tc ingress of the
-//! VXLAN device). Packets from other nodes for a local pod go straight into
-//! its netns; VXLAN for a local pod is decapsulated on the uplink already.
+//! VXLAN device): packets from other nodes for a local pod go straight into
+//! its netns, VXLAN for a local pod is decapsulated on the uplink already;
+//! `beeline_to_uplink` and `beeline_to_overlay` (their egress): what the
+//! host stack sends out, whose NATed connections are recorded, and to which
+//! the VXLAN device's program names the remote node.
 use aya_ebpf::programs::TcContext;
-use beeline_common::VxlanEncap;
+use beeline_common::{Verdict, VxlanEncap};
 
 use crate::{
-    forward::node_config,
+    forward::{node_config, remote_node},
     local_delivery::to_local_pod,
     packet::{Headers, IPPROTO_UDP},
+    stack_nat,
     stats::Outcome,
     vxlan,
 };
@@ -31,4 +35,24 @@ pub fn try_from_uplink(ctx: &TcContext) -> Outcome {
 pub fn try_from_overlay(ctx: &TcContext) -> Outcome {
     let mut h = Headers::parse(ctx)?;
     to_local_pod(ctx, &mut h)
+}
+
+#[inline(always)]
+pub fn try_to_uplink(ctx: &TcContext) -> Outcome {
+    Err(stack_nat::record(ctx))
+}
+
+/// The host stack routes other nodes' podCIDRs to the VXLAN device: the
+/// tunnel goes to the node that owns the destination.
+#[inline(always)]
+pub fn try_to_overlay(ctx: &TcContext) -> Outcome {
+    let recorded = stack_nat::record(ctx);
+    let h = Headers::parse(ctx)?;
+    let remote = remote_node(h.daddr()).ok_or(Verdict::DroppedNoRemoteNode)?;
+    let config = node_config().ok_or(Verdict::DroppedNoRemoteNode)?;
+    vxlan::set_tunnel_key(ctx, config, &remote)?;
+    Err(match recorded {
+        Verdict::Continued => Verdict::TunnelKeySet,
+        recorded => recorded,
+    })
 }

@@ -45,8 +45,9 @@ pub fn pulled<T>(ctx: &TcContext) -> Option<*mut T> {
     linear::<T>(ctx)
 }
 
-/// The Ethernet and IPv4 headers of a packet, in place.
-pub struct Headers<'a>(&'a mut [u8; HEADERS_LEN]);
+/// The Ethernet and IPv4 headers of a packet (or of the frame inside a
+/// tunnel, `base` bytes in), in place.
+pub struct Headers<'a>(&'a mut [u8; HEADERS_LEN], usize);
 
 impl<'a> Headers<'a> {
     /// The headers of an IPv4 frame. `Err` is the verdict for anything
@@ -62,7 +63,7 @@ impl<'a> Headers<'a> {
             && let Some(h) = pulled::<[u8; HEADERS_LEN]>(ctx)
         {
             // SAFETY: `pulled` bounds-checked the bytes; nothing else holds them.
-            return Headers::checked(unsafe { &mut *h });
+            return Headers::checked(unsafe { &mut *h }, 0);
         }
         let eth = linear::<[u8; ETH_HLEN]>(ctx).ok_or(Verdict::DroppedMalformed)?;
         // SAFETY: `linear` checked that the bytes lie inside the packet.
@@ -76,20 +77,31 @@ impl<'a> Headers<'a> {
     /// Headers already known to be in the linear area (after a decapsulation).
     #[inline(always)]
     pub fn at_start(ctx: &TcContext) -> Result<Headers<'a>, Verdict> {
-        let h = linear::<[u8; HEADERS_LEN]>(ctx).ok_or(Verdict::DroppedHelperError)?;
-        // SAFETY: `linear` bounds-checked the bytes; nothing else holds them.
-        Headers::checked(unsafe { &mut *h })
+        Headers::at(ctx, 0)
+    }
+
+    /// The headers of the frame `base` bytes into the packet (inside a
+    /// tunnel), already in the linear area.
+    #[inline(always)]
+    pub fn at(ctx: &TcContext, base: usize) -> Result<Headers<'a>, Verdict> {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if start + base + HEADERS_LEN > end {
+            return Err(Verdict::DroppedHelperError);
+        }
+        // SAFETY: bounds-checked just above; nothing else holds the bytes.
+        let h = unsafe { &mut *((start + base) as *mut [u8; HEADERS_LEN]) };
+        Headers::checked(h, base)
     }
 
     #[inline(always)]
-    fn checked(h: &'a mut [u8; HEADERS_LEN]) -> Result<Headers<'a>, Verdict> {
+    fn checked(h: &'a mut [u8; HEADERS_LEN], base: usize) -> Result<Headers<'a>, Verdict> {
         if ethertype(h) != ETH_P_IP {
             return Err(Verdict::PassedToHost);
         }
         if h[IPV4_VIHL_OFF] >> 4 != 4 || ((h[IPV4_VIHL_OFF] & 0x0f) as usize) < IPV4_MIN_HLEN / 4 {
             return Err(Verdict::DroppedMalformed);
         }
-        Ok(Headers(h))
+        Ok(Headers(h, base))
     }
 
     #[inline(always)]
@@ -177,7 +189,8 @@ pub fn ports(ctx: &TcContext, h: &Headers) -> Option<[u8; 4]> {
     if (u16::from_be_bytes([h.0[IPV4_FRAG_OFF], h.0[IPV4_FRAG_OFF + 1]]) & 0x1fff) != 0 {
         return None;
     }
-    ctx.load::<[u8; 4]>(ETH_HLEN + h.ipv4_header_len()).ok()
+    ctx.load::<[u8; 4]>(h.1 + ETH_HLEN + h.ipv4_header_len())
+        .ok()
 }
 
 #[inline(always)]

@@ -1,5 +1,6 @@
-//! `beeline_from_pod`, on the tc ingress of every pod's host-side veth:
-//! packets leaving the pod.
+//! The programs on a pod's host veth: `beeline_from_pod` (tc ingress:
+//! packets leaving the pod) and `beeline_to_pod` (tc egress: what the host
+//! stack sends the pod).
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
 use beeline_common::Verdict;
@@ -8,12 +9,14 @@ use crate::{
     forward::{remote_node, to_remote_node},
     local_delivery::{deliver, endpoint},
     packet::Headers,
+    stack_nat,
     stats::Outcome,
 };
 
 /// A local destination is delivered straight into its pod; one inside a
-/// remote node's podCIDR is forwarded to that node; anything else goes up
-/// the host stack.
+/// remote node's podCIDR (or a remote node itself) is forwarded to that
+/// node; anything else, and every reply of a connection the host stack
+/// NATed, goes up the host stack.
 #[inline(always)]
 pub fn try_from_pod(ctx: &TcContext) -> Outcome {
     let mut h = Headers::parse(ctx).inspect_err(|v| {
@@ -27,10 +30,19 @@ pub fn try_from_pod(ctx: &TcContext) -> Outcome {
     })?;
     let daddr = h.daddr();
     if let Some(ep) = endpoint(daddr) {
+        stack_nat::leave_replies_to_stack(ctx, &h)?;
         return deliver(ctx, &mut h, &ep);
     }
     if let Some(remote) = remote_node(daddr) {
+        stack_nat::leave_replies_to_stack(ctx, &h)?;
         return to_remote_node(ctx, &mut h, &remote);
     }
     Err(Verdict::PassedToHost)
+}
+
+/// Records the replies of connections the stack NATed towards this pod (a
+/// Service's backend, a hostPort's target).
+#[inline(always)]
+pub fn try_to_pod(ctx: &TcContext) -> Outcome {
+    Err(stack_nat::record(ctx))
 }

@@ -19,6 +19,7 @@ use crate::{
         ETH_HLEN, ETH_P_IP, Headers, IPPROTO_UDP, IPV4_FRAG_OFF, IPV4_MIN_HLEN, IPV4_TOS_OFF,
         ipv4_header_checksum, linear, pulled,
     },
+    stack_nat,
     stats::{Outcome, redirected},
 };
 
@@ -109,6 +110,20 @@ pub fn through_device(ctx: &TcContext, config: &NodeConfig, remote: &RemoteNode)
     if config.vxlan_ifindex == 0 {
         return Err(Verdict::PassedToHost);
     }
+    set_tunnel_key(ctx, config, remote)?;
+    // SAFETY: plain helper call.
+    let rc = unsafe { bpf_redirect(config.vxlan_ifindex, 0) };
+    redirected(rc, Verdict::ForwardedTunnel)
+}
+
+/// Names the remote node (and the VNI) the VXLAN device sends this packet
+/// to; `Err` is the verdict when the kernel refuses.
+#[inline(always)]
+pub fn set_tunnel_key(
+    ctx: &TcContext,
+    config: &NodeConfig,
+    remote: &RemoteNode,
+) -> Result<(), Verdict> {
     // SAFETY: all-zero is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = config.vni;
@@ -128,9 +143,7 @@ pub fn through_device(ctx: &TcContext, config: &NodeConfig, remote: &RemoteNode)
         debug!(ctx, "bpf_skb_set_tunnel_key failed: {}", rc);
         return Err(Verdict::DroppedHelperError);
     }
-    // SAFETY: plain helper call.
-    let rc = unsafe { bpf_redirect(config.vxlan_ifindex, 0) };
-    redirected(rc, Verdict::ForwardedTunnel)
+    Ok(())
 }
 
 /// A VXLAN packet from another node for a local pod: strips the outer
@@ -164,6 +177,10 @@ pub fn decapsulate(ctx: &TcContext, config: &NodeConfig) -> Outcome {
     }
     let inner_daddr = [inner_ip[16], inner_ip[17], inner_ip[18], inner_ip[19]];
     let ep = endpoint(inner_daddr).ok_or(Verdict::PassedToHost)?;
+    // A reply the stack must translate: left whole to the VXLAN device, so
+    // it reaches the stack on the device its route (and rp_filter) expects.
+    let inner = Headers::at(ctx, OUTER_LEN - ETH_HLEN)?;
+    stack_nat::leave_replies_to_stack(ctx, &inner)?;
     // FIXED_GSO: the inner segments keep their size.
     ctx.adjust_room(
         -(ENCAP_LEN as i32),

@@ -8,8 +8,7 @@ use std::{
 };
 
 use beeline_agent::{
-    cli::PodAttach, datapath::Datapath, netfilter::masquerade, remote,
-    sources::nodes::parse_node_list,
+    cli::PodAttach, datapath::Datapath, netfilter::table, remote, sources::nodes::parse_node_list,
 };
 use beeline_common::{Endpoint, RemoteNode, map_names};
 use beeline_tests::{BpffsDir, NetNs, Node, eventually_every};
@@ -229,7 +228,13 @@ pub(crate) fn phase_scale(cfg: &Cfg) -> R<Output> {
         }
         let scratch_ns = NetNs::new("blm");
         let pod_cidr: Ipv4Net = POD_CIDR.parse().unwrap();
-        let apply = |n: usize| scratch_ns.enter(|| masquerade::apply(pod_cidr, &exceptions[..n]));
+        let apply = |n: usize| {
+            let masquerade = table::Masquerade {
+                pod_cidr,
+                exceptions: exceptions[..n].to_vec(),
+            };
+            scratch_ns.enter(|| table::apply(Some(&masquerade)))
+        };
         for _ in 0..cfg.reps {
             let t = Instant::now();
             match apply(exceptions.len()) {
@@ -396,7 +401,7 @@ pub(crate) fn phase_scale(cfg: &Cfg) -> R<Output> {
         ],
         vec![
             format!(
-                "`masquerade::apply`: nftables table with {} exceptions",
+                "`table::apply`: nftables table with {} masquerade exceptions",
                 exceptions.len()
             ),
             match (&masq_error, masq_max_ok) {
