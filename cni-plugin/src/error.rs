@@ -102,13 +102,14 @@ impl From<beeline_ipam::Error> for CniError {
 pub fn from_agent(err: beeline_proto::ClientError) -> CniError {
     use beeline_proto::ClientError as E;
     let code = match &err {
-        E::Unreachable { .. } => code::TRY_AGAIN_LATER,
+        E::Unreachable { .. } | E::Timeout { .. } => code::TRY_AGAIN_LATER,
         E::Agent(api) if api.not_ready => code::TRY_AGAIN_LATER,
         E::Agent(_) => code::AGENT_REFUSED,
         E::Io { .. } | E::Protocol(_) => code::IO_FAILURE,
     };
     let msg = match &err {
         E::Unreachable { .. } => "the Beeline agent is down or not reachable; try again later",
+        E::Timeout { .. } => "the Beeline agent is busy; try again later",
         E::Agent(api) if api.not_ready => "the Beeline agent is not ready yet; try again later",
         E::Agent(_) => "the Beeline agent refused the request",
         _ => "talking to the Beeline agent failed",

@@ -11,6 +11,7 @@ mod error;
 #[cfg(test)]
 mod fuzz;
 mod link;
+mod lock;
 mod netns;
 mod result;
 
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 use crate::{
     config::{Command, Env, MAX_CONFIG_BYTES, NetConf, SUPPORTED_VERSIONS},
     error::{CniError, Result, code},
+    lock::AttachmentLock,
 };
 
 /// Version used for error objects when the config did not say.
@@ -81,17 +83,27 @@ fn run(get: &impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Val
     match command {
         Command::Add => {
             let env = Env::for_attachment(command, get)?;
-            runtime.block_on(add::add(&env, &conf, stdin)).map(Some)
+            let lock = AttachmentLock::take(&conf, &env)?;
+            let added = runtime.block_on(add::add(&env, &conf, stdin));
+            if added.is_err() {
+                // Undone, or never this invocation's: nothing to guard.
+                lock.remove();
+            }
+            added.map(Some)
         }
         Command::Del => {
             let env = Env::for_attachment(command, get)?;
-            runtime
-                .block_on(commands::del(&env, &conf, stdin))
-                .map(|()| None)
+            let lock = AttachmentLock::take(&conf, &env)?;
+            let done = runtime.block_on(commands::del(&env, &conf, stdin));
+            if done.is_ok() {
+                lock.remove();
+            }
+            done.map(|()| None)
         }
         Command::Check => {
             require_version(&conf, "0.4.0", "CHECK")?;
             let env = Env::for_attachment(command, get)?;
+            let _lock = AttachmentLock::take(&conf, &env)?;
             runtime
                 .block_on(check::check(&env, &conf, stdin))
                 .map(|()| None)

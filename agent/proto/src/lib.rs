@@ -152,6 +152,11 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the Beeline agent at {path} did not answer in time: {source}")]
+    Timeout {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the Beeline agent at {path}: {source}")]
     Io {
         path: PathBuf,
@@ -221,9 +226,17 @@ impl Client {
     }
 
     fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
-        let io = |source| ClientError::Io {
-            path: self.path.clone(),
-            source,
+        // A busy agent (out of descriptors, flooded) is a reason to try
+        // again, not a failure.
+        let io = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::Timeout {
+                path: self.path.clone(),
+                source,
+            },
+            _ => ClientError::Io {
+                path: self.path.clone(),
+                source,
+            },
         };
         let mut stream =
             UnixStream::connect(&self.path).map_err(|source| ClientError::Unreachable {

@@ -36,9 +36,52 @@ pub struct RuleInfo {
     pub comment: Option<String>,
 }
 
+/// Whether the IPv4 table `table` has a chain `chain`.
+pub fn chain_exists(table: &CStr, chain: &CStr) -> io::Result<bool> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
+    let seq = 1;
+    let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+    // SAFETY: as in `rules`, for a chain object.
+    unsafe {
+        let header = sys::nftnl_nlmsg_build_hdr(
+            request.as_mut_ptr().cast(),
+            libc::NFT_MSG_GETCHAIN as u16,
+            nftnl::ProtoFamily::Ipv4 as u16,
+            libc::NLM_F_ACK as u16,
+            seq,
+        );
+        let object = sys::nftnl_chain_alloc();
+        if object.is_null() {
+            return Err(io::Error::other("out of memory"));
+        }
+        sys::nftnl_chain_set_str(object, sys::NFTNL_CHAIN_TABLE as u16, table.as_ptr());
+        sys::nftnl_chain_set_str(object, sys::NFTNL_CHAIN_NAME as u16, chain.as_ptr());
+        sys::nftnl_chain_nlmsg_build_payload(header, object);
+        sys::nftnl_chain_free(object);
+    }
+    let mut seen = 0u32;
+    match dump(
+        &socket,
+        &request,
+        seq,
+        |_, seen: &mut u32| {
+            *seen += 1;
+            1
+        },
+        &mut seen,
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The rules of `chain` in the IPv4 table `table`; `None` when there is no
 /// such chain.
 pub fn rules(table: &CStr, chain: &CStr) -> io::Result<Option<Vec<RuleInfo>>> {
+    if !chain_exists(table, chain)? {
+        return Ok(None);
+    }
     let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
     let seq = 1;
     let mut request = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];

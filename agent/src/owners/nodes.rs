@@ -166,18 +166,31 @@ impl NodeSync {
         };
         // Maps first: programs attached below never see them empty.
         self.sync_remote(nodes, uplink.as_ref().map(|u| u.net))?;
+        // What the host stack needs (routes, nftables, FORWARD rules) does
+        // not hold pods back: a failure there is retried and shows as
+        // degraded, and the node state is published all the same.
+        let mut degraded: Vec<(&str, anyhow::Error)> = Vec::new();
         if let Some(up) = &uplink {
             let vxlan_ifindex = self.local_datapath(up).await?;
-            self.sync_routes(up, vxlan_ifindex).await?;
+            if let Err(e) = self.sync_routes(up, vxlan_ifindex).await {
+                degraded.push(("pod_cidr_routes", e));
+            }
         }
         if uplink != self.uplink {
             info!(from = ?self.uplink, to = ?uplink, "uplink");
             self.uplink = uplink.clone();
         }
-        self.sync_table(desired_masquerade(&self.network, pod_cidr, nodes))?;
-        self.sync_forward(Ipv4Net::aggregate(
-            &nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect(),
-        ))?;
+        if let Err(e) = self.sync_table(desired_masquerade(&self.network, pod_cidr, nodes)) {
+            degraded.push(("nftables_table", e));
+        }
+        let pod_cidrs =
+            Ipv4Net::aggregate(&nodes.iter().flat_map(|n| n.pod_cidrs.clone()).collect());
+        if let Err(e) = self.sync_forward(pod_cidrs) {
+            degraded.push(("forward_rules", e));
+        }
+        for (kind, e) in &degraded {
+            super::listed(&mut self.found, kind, &format!("{e:#}"));
+        }
 
         let not_ready = not_ready_reason(&self.node_name, me, pod_cidr, uplink.as_ref());
         let state = NodeState {
@@ -199,6 +212,9 @@ impl NodeSync {
             *current = state;
             true
         });
+        if let Some((_, e)) = degraded.into_iter().next() {
+            return Err(e);
+        }
         Ok(if waiting { Pass::Waiting } else { Pass::Done })
     }
 
