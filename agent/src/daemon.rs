@@ -78,7 +78,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Err(e) = node_sync.reconcile(&initial).await {
         warn!("first node sync: {e:#}");
     }
-    registry.restore_programs(&live, &mut report)?;
+    registry.restore_programs(&live, &mut report).await?;
     info!(?report, replaced_maps = ?datapath.replaced_maps, "restored persisted endpoints");
     for ifname in retire::leftovers(&netlink).await {
         info!(ifname, "deleting a retired veth left by the previous agent");

@@ -63,6 +63,35 @@ pub async fn find(handle: &Handle, ip: Ipv4Addr) -> Result<Option<Uplink>> {
     }))
 }
 
+/// What the agent checks of a would-be pod's host veth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLink {
+    pub ifindex: u32,
+    pub is_veth: bool,
+    /// Set when the link's peer lives in another netns.
+    pub peer_netns_id: Option<i32>,
+}
+
+/// The link named `name`; `None` only when the kernel says there is no
+/// such device.
+pub async fn host_link(handle: &Handle, name: &str) -> Result<Option<HostLink>> {
+    let Some(link) = link_by_name(handle, name).await? else {
+        return Ok(None);
+    };
+    let is_veth = link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+    });
+    let peer_netns_id = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    });
+    Ok(Some(HostLink {
+        ifindex: link.header.index,
+        is_veth,
+        peer_netns_id,
+    }))
+}
+
 /// The index of the link named `name`; `None` only when the kernel says
 /// there is no such device.
 pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>> {

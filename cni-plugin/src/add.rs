@@ -23,9 +23,9 @@ pub async fn add(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<Value> {
     let ctx = prepare(env, conf, stdin).await?;
     let mut made = Made::default();
     match create_and_register(&ctx, &mut made).await {
-        Ok((veth, ip)) => {
+        Ok((veth, ip, default_route)) => {
             info!(container = %env.container_id, %ip, host_ifname = %veth.host_ifname, "pod attached");
-            Ok(answer(&ctx, veth, ip))
+            Ok(answer(&ctx, veth, ip, default_route))
         }
         Err(e) => {
             warn!(container = %env.container_id, "ADD failed, undoing: {e}");
@@ -140,7 +140,10 @@ impl Made {
 
 /// Steps 2 and 3: the address, the veth, its links and routes, and the
 /// registration, which the agent works on while the links are set up.
-async fn create_and_register(ctx: &Prepared<'_>, made: &mut Made) -> Result<(PodLink, Ipv4Addr)> {
+async fn create_and_register(
+    ctx: &Prepared<'_>,
+    made: &mut Made,
+) -> Result<(PodLink, Ipv4Addr, bool)> {
     // A node-local DHCP server answers on the pod's host veth: that end
     // carries the pods' gateway address, and the address comes once the
     // link is up. Otherwise the address comes first: its record names the
@@ -211,19 +214,20 @@ async fn create_and_register(ctx: &Prepared<'_>, made: &mut Made) -> Result<(Pod
         if !dhcp {
             link::bring_up(&ctx.host, &ctx.pod, &veth, &alias, host_address).await?;
         }
-        link::configure_pod(&ctx.pod, &veth, ip, ctx.node.gateway).await?;
-        link::configure_host(&ctx.host, &veth, ip).await
+        let default_route = link::configure_pod(&ctx.pod, &veth, ip, ctx.node.gateway).await?;
+        link::configure_host(&ctx.host, &veth, ip).await?;
+        Ok::<_, CniError>(default_route)
     }
     .await;
     // Both finish before any undo, so an unregister cannot overtake them.
     let registered = registered.await.expect("the register task does not panic");
-    configured?;
+    let default_route = configured?;
     registered.map_err(from_agent)?;
-    Ok((veth, ip))
+    Ok((veth, ip, default_route))
 }
 
 /// Step 4: the result, after the previous plugins' when chained.
-fn answer(ctx: &Prepared<'_>, veth: PodLink, ip: Ipv4Addr) -> Value {
+fn answer(ctx: &Prepared<'_>, veth: PodLink, ip: Ipv4Addr, default_route: bool) -> Value {
     AddResult {
         interfaces: vec![
             Interface {
@@ -240,6 +244,7 @@ fn answer(ctx: &Prepared<'_>, veth: PodLink, ip: Ipv4Addr) -> Value {
         ip,
         ip_interface: 1,
         gateway: ctx.node.gateway,
+        default_route,
     }
     .to_json_after(&ctx.conf.cni_version, ctx.conf.prev_result.as_ref())
 }

@@ -76,7 +76,14 @@ pub async fn check(env: &Env, conf: &NetConf, stdin: &[u8]) -> Result<()> {
             if !has_address(&pod, l.header.index, ip).await? {
                 problems.push(format!("{} lacks its address {ip}/32", env.ifname));
             }
-            if !has_route(&pod, Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), None).await? {
+            let default_route = prev["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["dst"] == "0.0.0.0/0" && r["gw"] == GATEWAY.to_string().as_str());
+            if default_route
+                && !has_route(&pod, Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), None).await?
+            {
                 problems.push(format!("the default route via {GATEWAY} is missing"));
             }
         }

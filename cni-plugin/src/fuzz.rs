@@ -48,6 +48,7 @@ fn exercise(bytes: &[u8]) {
                     ip: [10, 0, 0, 1].into(),
                     ip_interface: 0,
                     gateway: [169, 254, 1, 1].into(),
+                    default_route: true,
                 };
                 let merged = ours.to_json_after(&conf.cni_version, Some(prev));
                 assert_eq!(merged["cniVersion"], conf.cni_version.as_str());

@@ -210,13 +210,14 @@ pub async fn bring_up(
 }
 
 /// Inside the pod: `ip/32`, a permanent neighbour for the
-/// link-local gateway (so the pod never ARPs) and `default via gw onlink`.
+/// link-local gateway (so the pod never ARPs) and `default via gw onlink`
+/// unless another interface has it. True when the default route is ours.
 pub async fn configure_pod(
     pod: &Handle,
     link: &PodLink,
     ip: Ipv4Addr,
     gateway: Ipv4Addr,
-) -> Result<()> {
+) -> Result<bool> {
     let index = link.pod_ifindex;
     pod.address()
         .add(index, ip.into(), 32)
@@ -236,11 +237,14 @@ pub async fn configure_pod(
         .output_interface(index)
         .onlink()
         .build();
-    pod.route()
-        .add(default)
-        .execute()
-        .await
-        .map_err(|e| netlink_error("cannot add the pod's default route", e))
+    // A second interface of the pod on this network (Multus' `net1`): the
+    // first one's default route stays, this one gets its address and
+    // gateway neighbour only.
+    match pod.route().add(default).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+        Err(e) => Err(netlink_error("cannot add the pod's default route", e)),
+    }
 }
 
 /// On the host: `ip/32 dev host_veth` (host-to-pod traffic such as

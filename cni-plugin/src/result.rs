@@ -18,6 +18,8 @@ pub struct AddResult {
     pub ip: Ipv4Addr,
     pub ip_interface: usize,
     pub gateway: Ipv4Addr,
+    /// The pod's default route goes through this interface.
+    pub default_route: bool,
 }
 
 impl AddResult {
@@ -71,7 +73,11 @@ impl AddResult {
             "cniVersion": cni_version,
             "interfaces": interfaces,
             "ips": [ip],
-            "routes": [{ "dst": "0.0.0.0/0", "gw": self.gateway.to_string() }],
+            "routes": if self.default_route {
+                json!([{ "dst": "0.0.0.0/0", "gw": self.gateway.to_string() }])
+            } else {
+                json!([])
+            },
             "dns": {},
         })
     }
@@ -98,6 +104,7 @@ mod tests {
             ip: Ipv4Addr::new(10, 244, 0, 5),
             ip_interface: 1,
             gateway: Ipv4Addr::new(169, 254, 1, 1),
+            default_route: true,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct Node {
     /// Where this node's `beeline-agent` and `beeline` come from: this
     /// build's unless a test runs another release.
     pub binaries: Option<PathBuf>,
+    /// The agent's open-file limit, when a test lowers it.
+    pub agent_nofile: Option<u64>,
 }
 
 impl Node {
@@ -58,6 +60,7 @@ impl Node {
             bpffs: BpffsDir::new(),
             agent: None,
             binaries: None,
+            agent_nofile: None,
         }
     }
 
@@ -424,9 +427,21 @@ impl AgentProcess {
             .open(&log)
             .unwrap();
         use std::os::unix::process::CommandExt;
-        let child = node
-            .ns
-            .cmd(node.binary("beeline-agent"))
+        let mut cmd = node.ns.cmd(node.binary("beeline-agent"));
+        if let Some(limit) = node.agent_nofile {
+            // SAFETY: only setrlimit between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = cmd
             // Its own process group: a Ctrl-C meant for the test or demo
             // must not kill it before the cleanup runs.
             .process_group(0)

@@ -282,7 +282,7 @@ fn the_agent_waits_for_its_pod_cidr_and_says_so() {
     assert_eq!(node.pod_veths(), Vec::<String>::new());
     let log = node.agent.as_ref().unwrap().log_text();
     assert!(
-        log.contains("no IPv4 podCIDR yet"),
+        log.contains("has no podCIDR yet"),
         "the log should say why: {log}"
     );
 

@@ -59,9 +59,19 @@ impl Backend {
                         std::thread::spawn(move || {
                             conn.set_nonblocking(false).unwrap();
                             let mut buf = [0u8; 64];
-                            // Every request gets the backend's address.
+                            let peer = conn
+                                .peer_addr()
+                                .map(|p| p.ip().to_string())
+                                .unwrap_or_default();
+                            // "who" gets the backend's address, "peer" the
+                            // client address it sees.
                             while let Ok(n) = conn.read(&mut buf) {
-                                if n == 0 || conn.write_all(ip.to_string().as_bytes()).is_err() {
+                                let answer = if &buf[..n] == b"peer" {
+                                    peer.clone()
+                                } else {
+                                    ip.to_string()
+                                };
+                                if n == 0 || conn.write_all(answer.as_bytes()).is_err() {
                                     break;
                                 }
                             }
@@ -99,11 +109,20 @@ impl Drop for Backend {
 
 /// One TCP request to `addr` from `ns`: the address of the backend that answered.
 fn tcp_ask(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {
+    tcp_request(ns, addr, b"who")
+}
+
+/// The client address the backend behind `addr` sees for a connection from `ns`.
+fn tcp_peer(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {
+    tcp_request(ns, addr, b"peer")
+}
+
+fn tcp_request(ns: &NetNs, addr: SocketAddr, request: &[u8]) -> Result<String, String> {
     ns.enter(|| {
         let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .map_err(|e| format!("connect {addr}: {e}"))?;
         conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        conn.write_all(b"who").map_err(|e| e.to_string())?;
+        conn.write_all(request).map_err(|e| e.to_string())?;
         let mut buf = [0u8; 64];
         let n = conn
             .read(&mut buf)
@@ -415,8 +434,16 @@ fn the_matrix(mode: &str, proxy: ProxyMode, rp_filter: u8) {
         b1.to_string(),
         "NodePort (Local)"
     );
-    let seen = tcp_echo(&s.b1.pod.ns, b1, &s.outside);
-    assert_eq!(seen.unwrap().ip(), OUTSIDE);
+    assert_eq!(
+        tcp_peer(&s.outside, node_port(1, 30081)).unwrap(),
+        OUTSIDE.to_string(),
+        "Local keeps the client's address"
+    );
+    assert_eq!(
+        tcp_peer(&s.outside, node_port(0, 30082)).unwrap(),
+        Cluster::node_ip(0).to_string(),
+        "Cluster masquerades to the node"
+    );
 }
 
 #[test]

@@ -122,12 +122,21 @@ impl Registry {
 
     /// Then programs: this agent's program onto every live endpoint's veth
     /// (swapped in place), and off the other hook if `--pod-attach` changed.
-    pub fn restore_programs(&self, live: &[Endpoint], report: &mut ReconcileReport) -> Result<()> {
+    pub async fn restore_programs(
+        &self,
+        live: &[Endpoint],
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
         for ep in live {
-            self.attach(ep)
-                .and_then(|()| self.programs.drop_other_pod_attach(&ep.host_ifname))
-                .with_context(|| format!("restoring endpoint {}", ep.ip))?;
-            report.restored += 1;
+            let attached = self
+                .attach(ep)
+                .and_then(|()| self.programs.drop_other_pod_attach(&ep.host_ifname));
+            match attached {
+                Ok(()) => report.restored += 1,
+                // Its netns went away meanwhile: the resync drops it.
+                Err(_) if !self.veth_present(ep).await? => {}
+                Err(e) => return Err(e).with_context(|| format!("restoring endpoint {}", ep.ip)),
+            }
         }
         Ok(())
     }
@@ -166,40 +175,7 @@ impl Registry {
     }
 
     async fn register(&mut self, ep: Endpoint) -> Result<(), ApiError> {
-        let node = self.node.borrow().clone();
-        if let Some(reason) = node.not_ready {
-            return Err(ApiError::not_ready(reason));
-        }
-        let pod_cidr = node.pod_cidr.expect("a ready node has a podCIDR");
-        if !pod_cidr.contains(&ep.ip) {
-            return Err(ApiError::new(format!(
-                "{} is outside this node's podCIDR {pod_cidr}: other nodes would not route it here",
-                ep.ip
-            )));
-        }
-        if let Some(other) = self.store.by_ip(ep.ip)
-            && key_of(other) != key_of(&ep)
-        {
-            return Err(ApiError::new(format!(
-                "{} is already used by container {} ({})",
-                ep.ip, other.container_id, other.ifname
-            )));
-        }
-        match self.veth_present(&ep).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(ApiError::new(format!(
-                    "host interface {} with index {} does not exist in the agent's netns",
-                    ep.host_ifname, ep.host_ifindex
-                )));
-            }
-            Err(e) => {
-                return Err(ApiError::not_ready(format!(
-                    "looking up {}: {e:#}",
-                    ep.host_ifname
-                )));
-            }
-        }
+        self.validate(&ep).await?;
         self.install(&ep).map_err(|e| {
             self.uninstall(&ep);
             ApiError::new(format!("cannot install endpoint {}: {e:#}", ep.ip))
@@ -215,6 +191,78 @@ impl Registry {
         }
         info!(container = %ep.container_id, ip = %ep.ip, host_ifname = %ep.host_ifname, pod = ?ep.pod, "endpoint registered");
         Ok(())
+    }
+
+    /// A registration must name what this node really has: an address of
+    /// its podCIDR that no one else holds and that is not a node's, and a
+    /// host veth that exists, is a veth whose peer is in another netns, and
+    /// is no other endpoint's (nor the uplink, nor the VXLAN device).
+    async fn validate(&self, ep: &Endpoint) -> Result<(), ApiError> {
+        let refuse = |why: String| Err(ApiError::new(why));
+        let node = self.node.borrow().clone();
+        if let Some(reason) = node.not_ready {
+            return Err(ApiError::not_ready(reason));
+        }
+        let pod_cidr = node.pod_cidr.expect("a ready node has a podCIDR");
+        if !pod_cidr.contains(&ep.ip) {
+            return refuse(format!(
+                "{} is outside this node's podCIDR {pod_cidr}: other nodes would not route it here",
+                ep.ip
+            ));
+        }
+        if pod_cidr.prefix_len() < 31
+            && (ep.ip == pod_cidr.network() || ep.ip == pod_cidr.broadcast())
+        {
+            return refuse(format!("{} is not a host address of {pod_cidr}", ep.ip));
+        }
+        if node.node_addresses().contains(&ep.ip) {
+            return refuse(format!("{} is this node's own address", ep.ip));
+        }
+        if let Some(other) = self.store.by_ip(ep.ip)
+            && key_of(other) != key_of(ep)
+        {
+            return refuse(format!(
+                "{} is already used by container {} ({})",
+                ep.ip, other.container_id, other.ifname
+            ));
+        }
+        if let Some(other) = self.store.list().find(|o| {
+            key_of(o) != key_of(ep)
+                && (o.host_ifname == ep.host_ifname || o.host_ifindex == ep.host_ifindex)
+        }) {
+            return refuse(format!(
+                "{} (index {}) is the host veth of container {} ({})",
+                ep.host_ifname, ep.host_ifindex, other.container_id, other.ifname
+            ));
+        }
+        let uplink = node.uplink.as_ref();
+        if uplink.is_some_and(|u| u.ifname == ep.host_ifname || u.ifindex == ep.host_ifindex)
+            || ep.host_ifname == uplink::VXLAN_DEVICE
+        {
+            return refuse(format!(
+                "{} is one of the node's own devices",
+                ep.host_ifname
+            ));
+        }
+        let link = uplink::host_link(&self.netlink, &ep.host_ifname)
+            .await
+            .map_err(|e| ApiError::not_ready(format!("looking up {}: {e:#}", ep.host_ifname)))?;
+        match link {
+            None => refuse(format!(
+                "host interface {} with index {} does not exist in the agent's netns",
+                ep.host_ifname, ep.host_ifindex
+            )),
+            Some(l) if l.ifindex != ep.host_ifindex => refuse(format!(
+                "{} has index {}, not {}",
+                ep.host_ifname, l.ifindex, ep.host_ifindex
+            )),
+            Some(l) if !l.is_veth => refuse(format!("{} is not a veth", ep.host_ifname)),
+            Some(l) if l.peer_netns_id.is_none() => refuse(format!(
+                "{}'s peer is in the node's netns, not a pod's",
+                ep.host_ifname
+            )),
+            Some(_) => Ok(()),
+        }
     }
 
     fn unregister(&mut self, key: &AttachmentKey) -> Result<Option<Endpoint>, ApiError> {
@@ -394,7 +442,7 @@ impl Registry {
             netns_inode: ep.netns_inode,
         };
         let rebooted = !ep.boot_id.is_empty() && ep.boot_id != beeline_ipam::boot_id();
-        if rebooted || ep.netns_inode == 0 || pod.netns_gone() {
+        if rebooted || ep.netns_inode == 0 || pod.netns_gone() || released(ep) {
             Ok(Liveness::Gone)
         } else {
             Ok(Liveness::VethMissing)
@@ -425,6 +473,21 @@ impl Registry {
             warn!("detaching from {}: {e:#}", ep.host_ifname);
         }
     }
+}
+
+/// Whether the built-in allocator no longer holds the endpoint's address
+/// for it: its DEL ran (while the agent was down, say).
+fn released(ep: &Endpoint) -> bool {
+    let Some(dir) = &ep.ipam_dir else {
+        return false;
+    };
+    let owner = beeline_ipam::Owner {
+        container_id: ep.container_id.clone(),
+        ifname: ep.ifname.clone(),
+    };
+    beeline_ipam::IpStore::open(dir)
+        .and_then(|store| store.find(&owner))
+        .is_ok_and(|held| held != Some(ep.ip))
 }
 
 /// The map entry an endpoint's record calls for.

@@ -4,9 +4,7 @@ use aya_ebpf::{
     bindings::bpf_redir_neigh, helpers::generated::bpf_redirect_neigh, programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use beeline_common::{
-    NodeConfig, REMOTE_IS_NODE, RemoteNode, Tunnel, Verdict, VxlanEncap, vxlan_mac,
-};
+use beeline_common::{NodeConfig, RemoteNode, Tunnel, Verdict, VxlanEncap, vxlan_mac};
 
 use crate::{
     maps::{BEELINE_NODE_CONFIG, BEELINE_REMOTE_CIDRS},
@@ -37,11 +35,11 @@ pub fn to_remote_node(ctx: &TcContext, h: &mut Headers, remote: &RemoteNode) -> 
         return Err(Verdict::PassedToHost);
     }
     if remote.tunnel == Tunnel::Vxlan as u16 {
-        if remote.flags & REMOTE_IS_NODE != 0 {
-            // For the node itself: its VXLAN device takes the inner frame
-            // only if addressed to its (derived) MAC.
-            h.set_macs(&vxlan_mac(remote.node_addr), &vxlan_mac(config.node_addr));
-        }
+        // The inner frame goes from this node's VXLAN device to the remote
+        // node's (their MACs are derived from the nodes' addresses): what the
+        // remote programs leave to its device (a reply the stack must
+        // translate, a packet for the node itself) is addressed to it.
+        h.set_macs(&vxlan_mac(remote.node_addr), &vxlan_mac(config.node_addr));
         if config.vxlan_encap == VxlanEncap::Program as u16 && config.uplink_ifindex != 0 {
             return vxlan::encapsulate(ctx, h, config, remote);
         }

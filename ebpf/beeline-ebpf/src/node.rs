@@ -6,7 +6,7 @@
 //! host stack sends out, whose NATed connections are recorded, and to which
 //! the VXLAN device's program names the remote node.
 use aya_ebpf::programs::TcContext;
-use beeline_common::{Verdict, VxlanEncap};
+use beeline_common::{Verdict, VxlanEncap, vxlan_mac};
 
 use crate::{
     forward::{node_config, remote_node},
@@ -47,9 +47,12 @@ pub fn try_to_uplink(ctx: &TcContext) -> Outcome {
 #[inline(always)]
 pub fn try_to_overlay(ctx: &TcContext) -> Outcome {
     let recorded = stack_nat::record(ctx);
-    let h = Headers::parse(ctx)?;
+    let mut h = Headers::parse(ctx)?;
     let remote = remote_node(h.daddr()).ok_or(Verdict::DroppedNoRemoteNode)?;
     let config = node_config().ok_or(Verdict::DroppedNoRemoteNode)?;
+    // From this node's VXLAN device to the remote node's, as the programs
+    // address inner frames.
+    h.set_macs(&vxlan_mac(remote.node_addr), &vxlan_mac(config.node_addr));
     vxlan::set_tunnel_key(ctx, config, &remote)?;
     Err(match recorded {
         Verdict::Continued => Verdict::TunnelKeySet,
