@@ -75,7 +75,10 @@ fn containerd_runs_pods_on_the_config_the_agent_installs() {
         format!("--cni-binary={}", bin("beeline").display()),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    cluster.start(&args);
+    // Only node 0 installs into the runtime's directories.
+    cluster.publish_nodes(&[0, 1]);
+    cluster.nodes[0].start_agent(&args);
+    cluster.nodes[1].start_agent(&["--mode=direct"]);
     let node0 = &cluster.nodes[0];
     let ctd = Containerd::start(&node0.ns.name, &conf_dir, &bin_dir);
     let cri = ctd.cri();

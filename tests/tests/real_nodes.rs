@@ -32,6 +32,10 @@ fn after_a_reboot_nothing_of_before_is_held_and_a_full_pod_cidr_refills() {
     // /run start empty; the state dir and the IP store survive.
     node.kill_agent();
     drop(pods);
+    // The kernel destroys deleted netns (and their veths) in the background.
+    assert!(eventually(Duration::from_secs(10), || node
+        .pod_veths()
+        .is_empty()));
     std::fs::remove_dir_all(&node.bpffs.path).unwrap();
     let _ = std::fs::remove_file(node.socket());
     assert_eq!(node.allocated_ips().len(), 14, "the IP store was not kept");

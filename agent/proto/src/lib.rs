@@ -238,21 +238,69 @@ impl Client {
                 source,
             },
         };
-        let mut stream =
-            UnixStream::connect(&self.path).map_err(|source| ClientError::Unreachable {
-                path: self.path.clone(),
-                source,
-            })?;
+        let mut stream = self.connect()?;
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
-        stream.write_all(&line).map_err(io)?;
+        // An agent at its connection bound answers "busy" and closes before
+        // reading: the answer is still there to read after a failed write.
+        let written = stream.write_all(&line);
         let mut reader = BufReader::new(stream).take(MAX_MESSAGE_BYTES as u64);
         let mut answer = String::new();
-        reader.read_line(&mut answer).map_err(io)?;
+        let read = reader.read_line(&mut answer);
+        if answer.is_empty() {
+            written.map_err(io)?;
+            read.map_err(io)?;
+        }
         let response: Response<T> = serde_json::from_str(&answer)?;
         Ok(response?)
+    }
+}
+
+impl Client {
+    /// Connects without ever blocking past the timeout: a Unix socket's
+    /// connect waits while the listener's backlog is full (an agent out of
+    /// file descriptors, a flood of clients), and a CNI call must end.
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+        let unreachable = |source: std::io::Error| ClientError::Unreachable {
+            path: self.path.clone(),
+            source,
+        };
+        let addr = UnixAddr::new(&self.path).map_err(|e| unreachable(e.into()))?;
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let fd = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| unreachable(e.into()))?;
+            match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+                Ok(()) => {
+                    let stream = UnixStream::from(fd);
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|source| ClientError::Io {
+                            path: self.path.clone(),
+                            source,
+                        })?;
+                    return Ok(stream);
+                }
+                Err(nix::errno::Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(nix::errno::Errno::EAGAIN) => {
+                    return Err(ClientError::Timeout {
+                        path: self.path.clone(),
+                        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    });
+                }
+                Err(e) => return Err(unreachable(e.into())),
+            }
+        }
     }
 }
 
