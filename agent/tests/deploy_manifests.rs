@@ -443,6 +443,22 @@ fn every_path_the_agent_uses_is_on_a_host_path_mount() {
         "--cni-conf-dir on the node"
     );
 
+    // The CNI binary's IP store (its default dataDir) and the runtimes' pod
+    // netns: the agent releases addresses of pods that are gone, at the
+    // paths the CNI binary recorded on the node.
+    let ipam = args
+        .ipam_data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/cni/beeline"));
+    assert_eq!(m.host_path(&ipam).1, ipam, "the IP store on the node");
+    let (netns, host) = m.host_path(Path::new("/run/netns"));
+    assert_eq!(host, Path::new("/run/netns"), "pod netns on the node");
+    assert_eq!(
+        netns.mount_propagation.as_deref(),
+        Some("HostToContainer"),
+        "netns created after the agent started must be visible to it"
+    );
+
     // The kubelet refuses Bidirectional propagation to unprivileged containers.
     let privileged = m
         .agent()

@@ -135,6 +135,39 @@ fn an_internal_ip_that_arrives_late_makes_the_node_ready() {
     let pod = Pod::add(&node, "1.1.0");
     assert!(pod.ns.ping(node.ip, 2));
     pod.del(&node);
+
+    // The installed config, changed by hand, is put back.
+    let installed = std::fs::read_to_string(&conflist).unwrap();
+    std::fs::write(&conflist, "{}").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || std::fs::read_to_string(
+            &conflist
+        )
+        .is_ok_and(|c| c == installed)),
+        "the network config was not put back"
+    );
+    assert!(repairs(&node, "cni_config") >= 1.0);
+}
+
+#[test]
+fn a_deleted_route_to_another_node_comes_back() {
+    let mut cluster = Cluster::new(2);
+    cluster.start(&[RESYNC]);
+    let node0 = &cluster.nodes[0];
+    let remote = Cluster::pod_cidr(1);
+    let routes = || {
+        String::from_utf8_lossy(
+            &run(node0.ns.cmd("ip").args(["route", "show", "proto", "199"])).stdout,
+        )
+        .into_owned()
+    };
+    assert!(routes().contains(&remote), "{}", routes());
+    node0.ns.ip(&["route", "del", &remote]);
+    assert!(
+        eventually(Duration::from_secs(10), || routes().contains(&remote)),
+        "the route to {remote} did not come back"
+    );
+    assert!(repairs(node0, "pod_cidr_route") >= 1.0);
 }
 
 #[test]
