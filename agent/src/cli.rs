@@ -65,6 +65,9 @@ pub enum Command {
     Nodes(InspectArgs),
     /// Show the per-program packet counters.
     Stats(InspectArgs),
+    /// List the Service frontends and backends in the pinned maps
+    /// (`--kube-proxy-replacement`).
+    Services(EndpointsArgs),
     /// Remove Beeline from this node: CNI config and binary, pins, links,
     /// masquerade rules, the VXLAN device.
     Uninstall(UninstallArgs),
@@ -145,6 +148,20 @@ pub struct RunArgs {
     /// Serve /healthz, /readyz and /metrics here.
     #[arg(long, default_value = "127.0.0.1:9962")]
     pub health_addr: std::net::SocketAddr,
+    /// Translate Services in eBPF (kube-proxy replacement): ClusterIPs at
+    /// the socket for pods and the node, NodePorts, externalIPs and
+    /// load-balancer IPs per packet for clients outside the cluster.
+    #[arg(long)]
+    pub kube_proxy_replacement: bool,
+    /// Static Service source: a List of Services and EndpointSlices (as
+    /// `kubectl get svc,endpointslices -A -o yaml` prints it), reloaded when
+    /// it changes. Without it, both are watched through the Kubernetes API.
+    #[arg(long, requires = "kube_proxy_replacement")]
+    pub services_file: Option<PathBuf>,
+    /// The cgroup2 directory whose sockets get Services translated (default:
+    /// the host's cgroup2 mount, so every process on the node).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
     /// How often every owner compares the kernel with what it should be and
     /// repairs the difference (`500ms`, `10s`, `1m`).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]

@@ -17,6 +17,7 @@ use crate::{
         cni_install::CniInstall,
         endpoints::Registry,
         nodes::{NetworkConfig, NodeSync},
+        services::Services,
         stack_nat::StackNat,
     },
     retire::{self, Retirer},
@@ -30,6 +31,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (nodes, node_source) = match &args.nodes_file {
         Some(path) => sources::nodes::from_file(path.clone())?,
         None => sources::nodes::from_kubernetes(kube_client(args.kubeconfig.as_deref()).await?),
+    };
+    let services_input = match (&args.services_file, args.kube_proxy_replacement) {
+        (_, false) => None,
+        (Some(path), true) => Some(sources::services::from_file(path.clone())?),
+        (None, true) => Some(sources::services::from_kubernetes(
+            kube_client(args.kubeconfig.as_deref()).await?,
+        )),
+    };
+    let cgroup = match &args.cgroup_root {
+        Some(dir) => dir.clone(),
+        None if args.kube_proxy_replacement => datapath::cgroup2_root()?,
+        None => Default::default(),
     };
     let mut datapath = Datapath::load(&args.bpffs_dir, args.ebpf_debug_logs, args.pod_attach)?;
     let ebpf_logs = datapath
@@ -51,6 +64,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             pod_mtu: args.pod_mtu,
             no_masquerade: args.no_masquerade_cidrs.clone(),
             masquerade: !args.no_masquerade,
+            services: args.kube_proxy_replacement,
         },
         netlink.clone(),
         datapath.programs.clone(),
@@ -83,6 +97,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for ifname in retire::leftovers(&netlink).await {
         info!(ifname, "deleting a retired veth left by the previous agent");
         registry.retirer.retire(ifname);
+    }
+
+    let mut services = datapath.services;
+    if !args.kube_proxy_replacement {
+        // Turned off (or never on): no socket translation, empty maps.
+        if datapath.programs.detach_cgroup()? {
+            info!("Service translation turned off: socket programs detached");
+        }
+        let current = services.read()?;
+        services.apply(&current, &Default::default())?;
     }
 
     let listener = api::bind(&args.socket)?;
@@ -127,6 +151,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
             },
         )),
     ];
+    if let Some((input, source)) = services_input {
+        tasks.push(source);
+        tasks.push(tokio::spawn(
+            Services::new(
+                args.node_name.clone(),
+                services,
+                datapath.programs.clone(),
+                cgroup,
+                args.state_dir.clone(),
+                metrics.clone(),
+                conditions.clone(),
+            )
+            .run(input, node_state.clone(), args.resync_period),
+        ));
+    }
     let published = Published {
         node: node_state,
         conditions,

@@ -1,15 +1,16 @@
-//! `beeline-agent endpoints|nodes|stats`: read the pinned maps directly
+//! `beeline-agent endpoints|nodes|stats|services`: read the pinned maps directly
 //! (and, for names, the agent's state file), so they work while the daemon
 //! is down.
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
-use beeline_common::{Program, Tunnel, Verdict};
+use beeline_common::{Program, SERVICE_SNAT, Tunnel, Verdict, scope};
 use beeline_proto::MacAddr;
 use serde::Serialize;
 
 use crate::{
-    maps::{EndpointsMap, RemoteCidrsMap, StatsMap},
+    maps::{EndpointsMap, RemoteCidrsMap, ServicesMaps, StatsMap},
+    owners::services::read_names,
     state,
 };
 
@@ -134,5 +135,83 @@ pub fn print_stats(stats: &Stats) {
         for (verdict, packets) in verdicts.iter().filter(|(_, n)| **n > 0) {
             println!("{program:<14} {verdict:<22} {packets:>14}");
         }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ServiceRow {
+    /// `namespace/name:port`, from the agent's state dir.
+    pub service: Option<String>,
+    pub frontend: String,
+    pub protocol: &'static str,
+    /// `socket` (pods and the node) or `external` (packets from outside).
+    pub scope: &'static str,
+    /// Translates the client to this node's address.
+    pub snat: bool,
+    pub affinity_timeout: u32,
+    /// `ip:port` of each backend, in slot order.
+    pub backends: Vec<String>,
+    /// `ok`, `no endpoints` (refused at once), or `missing backend` (a slot
+    /// naming a backend the map lacks: the next resync repairs it).
+    pub state: &'static str,
+}
+
+/// The Service frontends and their backends, from the pinned maps.
+pub fn services(bpffs: &Path, state_dir: &Path) -> Result<Vec<ServiceRow>> {
+    let tables = ServicesMaps::open(bpffs)?.read()?;
+    let names = read_names(state_dir);
+    let mut rows: Vec<ServiceRow> = tables
+        .frontends()
+        .map(|(k, e)| {
+            let ids = tables.slots(k, e.count);
+            let backends: Vec<String> = ids
+                .iter()
+                .filter_map(|id| tables.backends.get(id))
+                .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), u16::from_be_bytes(b.port)))
+                .collect();
+            let state = if e.count == 0 {
+                "no endpoints"
+            } else if backends.len() != e.count as usize {
+                "missing backend"
+            } else {
+                "ok"
+            };
+            ServiceRow {
+                service: names.frontends.get(&e.id).cloned(),
+                frontend: format!("{}:{}", Ipv4Addr::from(k.addr), u16::from_be_bytes(k.port)),
+                protocol: if k.protocol == 17 { "UDP" } else { "TCP" },
+                scope: if k.scope == scope::EXTERNAL {
+                    "external"
+                } else {
+                    "socket"
+                },
+                snat: e.flags & SERVICE_SNAT != 0,
+                affinity_timeout: e.affinity_timeout,
+                backends,
+                state,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.service, &a.frontend, a.scope).cmp(&(&b.service, &b.frontend, b.scope))
+    });
+    Ok(rows)
+}
+
+pub fn print_services(rows: &[ServiceRow]) {
+    println!(
+        "{:<32} {:<22} {:<5} {:<9} {:<13} BACKENDS",
+        "SERVICE", "FRONTEND", "PROTO", "SCOPE", "STATE"
+    );
+    for r in rows {
+        println!(
+            "{:<32} {:<22} {:<5} {:<9} {:<13} {}",
+            r.service.as_deref().unwrap_or("-"),
+            r.frontend,
+            r.protocol,
+            r.scope,
+            r.state,
+            r.backends.join(" ")
+        );
     }
 }

@@ -23,6 +23,8 @@ fn main() -> std::process::ExitCode {
             .map(|rows| print(args.json, &rows[..], inspect::print_remote_cidrs)),
         Command::Stats(args) => inspect::stats(&args.bpffs_dir)
             .map(|stats| print(args.json, &stats, inspect::print_stats)),
+        Command::Services(args) => inspect::services(&args.inspect.bpffs_dir, &args.state_dir)
+            .map(|rows| print(args.inspect.json, &rows[..], inspect::print_services)),
         Command::Uninstall(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -58,6 +58,10 @@ pub struct Metrics {
     reconcile_errors: Family<OwnerLabels, Counter>,
     pub endpoints: Gauge,
     pub nodes: Gauge,
+    services: Gauge,
+    service_frontends: Gauge,
+    service_backends: Gauge,
+    service_connections: Gauge,
     chained_plugins: Family<PluginLabels, Gauge>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
@@ -84,6 +88,10 @@ impl Metrics {
             reconcile_errors: Family::default(),
             endpoints: Gauge::default(),
             nodes: Gauge::default(),
+            services: Gauge::default(),
+            service_frontends: Gauge::default(),
+            service_backends: Gauge::default(),
+            service_connections: Gauge::default(),
             chained_plugins: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
@@ -117,6 +125,26 @@ impl Metrics {
             m.endpoints.clone(),
         );
         registry.register("nodes", "Nodes in the cluster", m.nodes.clone());
+        registry.register(
+            "services",
+            "Services this node translates (--kube-proxy-replacement)",
+            m.services.clone(),
+        );
+        registry.register(
+            "service_frontends",
+            "Service frontends in the maps: address, port, protocol and scope (sockets, or packets from outside)",
+            m.service_frontends.clone(),
+        );
+        registry.register(
+            "service_backends",
+            "Distinct Service backends in the maps",
+            m.service_backends.clone(),
+        );
+        registry.register(
+            "service_connections",
+            "Connections from outside the cluster translated per packet (both directions count)",
+            m.service_connections.clone(),
+        );
         registry.register(
             "cni_chained_plugins",
             "Plugins asked to be chained after Beeline: 1 when the network config chains them, 0 when missing",
@@ -185,6 +213,13 @@ impl Metrics {
                 plugin: plugin.into(),
             })
             .set(present as i64);
+    }
+
+    pub fn set_services(&self, services: usize, frontends: usize, backends: usize, nat: usize) {
+        self.services.set(services as i64);
+        self.service_frontends.set(frontends as i64);
+        self.service_backends.set(backends as i64);
+        self.service_connections.set(nat as i64);
     }
 
     pub fn set_map_fill(&self, map: &str, entries: usize, capacity: u32) {

@@ -203,7 +203,7 @@ impl Node {
         let mut cmd = Command::new(bin("beeline-agent"));
         cmd.args([subcommand, "--json", "--bpffs-dir"])
             .arg(&self.bpffs.path);
-        if subcommand == "endpoints" {
+        if subcommand == "endpoints" || subcommand == "services" {
             cmd.arg("--state-dir").arg(self.state_dir());
         }
         serde_json::from_slice(&run(&mut cmd).stdout).unwrap()

@@ -11,6 +11,7 @@ pub mod conformance;
 pub mod cri;
 pub mod kube_proxy;
 mod netns;
+pub mod service_lb;
 mod traffic;
 mod util;
 

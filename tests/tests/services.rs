@@ -19,93 +19,12 @@ use beeline_tests::{
         self, InstalledRules, NodeSettings, Protocol, ProxyMode, Service, ServiceEndpoint,
         ServicePort,
     },
+    service_lb::{Backend, TCP_PORT, UDP_PORT},
     *,
 };
 use ipnet::Ipv4Net;
 
-const TCP_PORT: u16 = 8080;
-const UDP_PORT: u16 = 8053;
 const SERVICE_CIDR: &str = "10.96.0.0/16";
-
-/// A backend pod answering on TCP and UDP with its own address: which
-/// backend served a connection is what the client reads.
-struct Backend {
-    pod: Pod,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Backend {
-    fn start(node: &Node) -> Backend {
-        let pod = Pod::add(node, "1.1.0");
-        let stop = Arc::new(AtomicBool::new(false));
-        let ip = pod.ip;
-        let tcp = pod
-            .ns
-            .enter(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, TCP_PORT)))
-            .unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        let udp = pod
-            .ns
-            .enter(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, UDP_PORT)))
-            .unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let done = stop.clone();
-        let tcp_thread = std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((mut conn, _)) => {
-                        std::thread::spawn(move || {
-                            conn.set_nonblocking(false).unwrap();
-                            let mut buf = [0u8; 64];
-                            let peer = conn
-                                .peer_addr()
-                                .map(|p| p.ip().to_string())
-                                .unwrap_or_default();
-                            // "who" gets the backend's address, "peer" the
-                            // client address it sees.
-                            while let Ok(n) = conn.read(&mut buf) {
-                                let answer = if &buf[..n] == b"peer" {
-                                    peer.clone()
-                                } else {
-                                    ip.to_string()
-                                };
-                                if n == 0 || conn.write_all(answer.as_bytes()).is_err() {
-                                    break;
-                                }
-                            }
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        let done = stop.clone();
-        let udp_thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !done.load(Ordering::Relaxed) {
-                if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(ip.to_string().as_bytes(), peer);
-                }
-            }
-        });
-        Backend {
-            pod,
-            stop,
-            threads: vec![tcp_thread, udp_thread],
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
 
 /// One TCP request to `addr` from `ns`: the address of the backend that answered.
 fn tcp_ask(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
@@ -232,6 +232,76 @@ impl Programs {
 
 /// The programs on every pod's host veth.
 const POD_PROGRAMS: [Program; 2] = [Program::FromPod, Program::ToPod];
+
+/// The socket programs (Services), on the cgroup root.
+pub const SOCK_PROGRAMS: [Program; 4] = [
+    Program::SockConnect,
+    Program::SockSendmsg,
+    Program::SockRecvmsg,
+    Program::SockGetpeername,
+];
+
+/// Where the socket programs' links are pinned.
+const CGROUP_PIN: &str = "cgroup";
+
+impl Programs {
+    /// Attaches the socket programs to `cgroup` through pinned links. A
+    /// link already pinned (an earlier agent's, or another cgroup's) is
+    /// replaced after the new one is attached: a socket call never finds
+    /// no program (one that meets both is translated once: the second sees
+    /// a backend's address, not a Service's).
+    pub fn attach_cgroup(&self, cgroup: &Path) -> Result<()> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+        let mut inner = self.lock();
+        let bpffs = inner.bpffs.clone();
+        for program in SOCK_PROGRAMS {
+            let name = program.function();
+            let prog: &mut CgroupSockAddr = inner
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            // A link: the kernel takes no flags for it (links on a cgroup
+            // always coexist with others).
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name}"))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            let pin = link_pin(&bpffs, CGROUP_PIN, program);
+            // bpffs refuses names with a dot.
+            let fresh = PathBuf::from(format!("{}-new", pin.display()));
+            let _ = std::fs::remove_file(&fresh);
+            link.pin(&fresh)
+                .with_context(|| format!("pinning the link at {}", fresh.display()))?;
+            std::fs::rename(&fresh, &pin)
+                .with_context(|| format!("replacing the pin {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether every socket program's link is pinned.
+    pub fn cgroup_attached(&self) -> bool {
+        let bpffs = self.lock().bpffs.clone();
+        SOCK_PROGRAMS
+            .iter()
+            .all(|p| link_pin(&bpffs, CGROUP_PIN, *p).exists())
+    }
+
+    /// Detaches the socket programs (unpinning their links).
+    pub fn detach_cgroup(&self) -> Result<bool> {
+        let bpffs = self.lock().bpffs.clone();
+        let mut removed = false;
+        for program in SOCK_PROGRAMS {
+            match std::fs::remove_file(link_pin(&bpffs, CGROUP_PIN, program)) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(removed)
+    }
+}
 
 fn attach_type(program: Program) -> TcAttachType {
     if program.egress() {

@@ -4,13 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use aya::{EbpfLoader, programs::SchedClassifier};
-use beeline_common::{Program, map_names};
+use aya::{
+    EbpfLoader,
+    programs::{CgroupSockAddr, SchedClassifier},
+};
+use beeline_common::{Hook, Program, map_names};
 use tracing::info;
 
 use crate::{
     cli::PodAttach,
-    maps::{self, EndpointsMap, NodeConfigMap, RemoteCidrsMap, StackNatMap},
+    maps::{self, EndpointsMap, NodeConfigMap, RemoteCidrsMap, ServicesMaps, StackNatMap},
 };
 
 mod attach;
@@ -33,6 +36,7 @@ pub struct Datapath {
     pub remote_cidrs: RemoteCidrsMap,
     pub node_config: NodeConfigMap,
     pub stack_nat: StackNatMap,
+    pub services: ServicesMaps,
     /// Reader of the programs' aya-log records (see [`forward_logs`]).
     pub logger: Option<EbpfLogger>,
     /// Maps whose old pins had another layout (an older agent's).
@@ -74,18 +78,28 @@ impl Datapath {
         };
         for program in Program::ALL {
             let name = program.function();
-            let loaded: &mut SchedClassifier = ebpf
+            if program.hook() == Hook::None {
+                continue;
+            }
+            let found = ebpf
                 .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            loaded
-                .load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
+                .with_context(|| format!("program {name} missing from the object"))?;
+            let loaded = match program.hook() {
+                Hook::SockAddr => <&mut CgroupSockAddr>::try_from(found)?.load(),
+                _ => <&mut SchedClassifier>::try_from(found)?.load(),
+            };
+            loaded.with_context(|| format!("the verifier rejected {name}"))?;
         }
         let endpoints = EndpointsMap::new(maps::take(&mut ebpf, map_names::ENDPOINTS)?)?;
         let remote_cidrs = RemoteCidrsMap::new(maps::take(&mut ebpf, map_names::REMOTE_CIDRS)?)?;
         let node_config = NodeConfigMap::new(maps::take(&mut ebpf, map_names::NODE_CONFIG)?)?;
         let stack_nat = StackNatMap::new(maps::take(&mut ebpf, map_names::STACK_NAT)?)?;
+        let services = ServicesMaps::new(
+            maps::take(&mut ebpf, map_names::SERVICES)?,
+            maps::take(&mut ebpf, map_names::BACKENDS)?,
+            maps::take(&mut ebpf, map_names::LB_NAT)?,
+            maps::take(&mut ebpf, map_names::AFFINITY)?,
+        )?;
         info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
         Ok(Datapath {
             programs: Programs::new(ebpf, bpffs, pod_attach),
@@ -93,6 +107,7 @@ impl Datapath {
             remote_cidrs,
             node_config,
             stack_nat,
+            services,
             logger,
             replaced_maps,
         })
@@ -148,6 +163,22 @@ pub async fn forward_logs(logger: EbpfLogger) {
             }
         }
     }
+}
+
+/// The host's cgroup2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+/// on a hybrid layout), from this process's mount table.
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    table
+        .lines()
+        .find_map(|line| {
+            // `... mount-point options - fstype source options`
+            let (before, after) = line.split_once(" - ")?;
+            (after.split_whitespace().next()? == "cgroup2")
+                .then(|| before.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .context("no cgroup2 filesystem is mounted: pass --cgroup-root")
 }
 
 /// Makes sure `dir` can hold pins: mounts bpffs on /sys/fs/bpf when the

@@ -13,12 +13,14 @@ use aya::{
 pub mod endpoints;
 pub mod node_config;
 pub mod remote_cidrs;
+pub mod services;
 pub mod stack_nat;
 pub mod stats;
 
 pub use endpoints::EndpointsMap;
 pub use node_config::NodeConfigMap;
 pub use remote_cidrs::RemoteCidrsMap;
+pub use services::ServicesMaps;
 pub use stack_nat::StackNatMap;
 pub use stats::StatsMap;
 

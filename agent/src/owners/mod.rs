@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 pub mod cni_install;
 pub mod endpoints;
 pub mod nodes;
+pub mod services;
 pub mod stack_nat;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);

@@ -39,6 +39,8 @@ pub struct NetworkConfig {
     /// Destinations never masqueraded, besides every node's podCIDR.
     pub no_masquerade: Vec<Ipv4Net>,
     pub masquerade: bool,
+    /// `--kube-proxy-replacement`: the programs translate Services.
+    pub services: bool,
 }
 
 impl NetworkConfig {
@@ -241,6 +243,11 @@ impl NodeSync {
             node_addr: up.net.addr().octets(),
             vxlan_port: self.network.vxlan_port,
             vxlan_encap: self.network.vxlan_encap as u16,
+            flags: if self.network.services {
+                beeline_common::NODE_SERVICES
+            } else {
+                0
+            },
         };
         // A device recreated behind our back has a new index: its programs
         // are attached again below.
@@ -428,6 +435,7 @@ mod tests {
             pod_mtu: None,
             no_masquerade: vec!["192.168.0.0/16".parse().unwrap()],
             masquerade: true,
+            services: false,
         };
         let nodes = [
             node("a", "10.244.0.0/24", None),

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub mod nodes;
+pub mod services;
 
 /// Folds watcher events into snapshots of what `project` keeps of each
 /// object, published once each (re)list is complete and after each change.

@@ -82,17 +82,49 @@ numbered! {
         /// tc egress of the VXLAN device: what the host stack sends other
         /// nodes' pods (routes to their podCIDRs lead there).
         ToOverlay = 5, "to_overlay", "beeline_to_overlay";
+        /// cgroup `connect4`: a socket connecting to a Service.
+        SockConnect = 6, "sock_connect", "beeline_sock_connect4";
+        /// cgroup `sendmsg4`: an unconnected UDP socket sending to a Service.
+        SockSendmsg = 7, "sock_sendmsg", "beeline_sock_sendmsg4";
+        /// cgroup `recvmsg4`: a UDP answer shown as from the Service.
+        SockRecvmsg = 8, "sock_recvmsg", "beeline_sock_recvmsg4";
+        /// cgroup `getpeername4`: the Service as the connected peer.
+        SockGetpeername = 9, "sock_getpeername", "beeline_sock_getpeername4";
+        /// Not a program: the Service translation of packets from outside
+        /// (NodePort, externalIPs, load-balancer IPs), counted besides the
+        /// verdict of the program that carried the packet.
+        ServiceLb = 10, "service_lb", "";
     }
     extra: function -> &'static str;
 }
 
+/// Where a program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    TcIngress,
+    TcEgress,
+    /// A cgroup sock_addr hook (its attach type is in the program's name).
+    SockAddr,
+    /// Counters only.
+    None,
+}
+
 impl Program {
+    pub const fn hook(self) -> Hook {
+        match self {
+            Program::FromPod | Program::FromUplink | Program::FromOverlay => Hook::TcIngress,
+            Program::ToPod | Program::ToUplink | Program::ToOverlay => Hook::TcEgress,
+            Program::SockConnect
+            | Program::SockSendmsg
+            | Program::SockRecvmsg
+            | Program::SockGetpeername => Hook::SockAddr,
+            Program::ServiceLb => Hook::None,
+        }
+    }
+
     /// Whether the program runs at tc egress (else ingress).
     pub const fn egress(self) -> bool {
-        matches!(
-            self,
-            Program::ToPod | Program::ToUplink | Program::ToOverlay
-        )
+        matches!(self.hook(), Hook::TcEgress)
     }
 }
 
@@ -131,6 +163,20 @@ numbered! {
         TunnelKeySet = 11, "tunnel_key_set", VerdictKind::Pass;
         /// The VXLAN device's egress: no node owns the destination.
         DroppedNoRemoteNode = 12, "dropped_no_remote_node", VerdictKind::Drop;
+        /// A Service address translated to a backend's (a new connection,
+        /// or a datagram).
+        Translated = 13, "translated", VerdictKind::Pass;
+        /// A packet of a connection already translated, either direction.
+        Tracked = 14, "tracked", VerdictKind::Pass;
+        /// A backend's address shown as the Service's again (`recvmsg`,
+        /// `getpeername`).
+        ReverseTranslated = 15, "reverse_translated", VerdictKind::Pass;
+        /// A Service without endpoints (for this traffic): refused at once.
+        RefusedNoEndpoints = 16, "refused_no_endpoints", VerdictKind::Drop;
+        /// A connection from outside that could not be tracked (map full).
+        DroppedLbNatFull = 17, "dropped_lb_nat_full", VerdictKind::Drop;
+        /// No free source port to translate the client to this node's address.
+        DroppedNoSnatPort = 18, "dropped_no_snat_port", VerdictKind::Drop;
     }
     extra: kind -> VerdictKind;
 }

@@ -1,12 +1,14 @@
 //! Every map of the datapath, pinned by name under the agent's bpffs dir.
 //! Keys and values live in `beeline-common`, shared with user space.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use beeline_common::{
-    Counter, DEFAULT_STACK_NAT_ENTRIES, Endpoint, EndpointKey, FlowKey, MAX_ENDPOINTS,
-    MAX_REMOTE_CIDRS, NodeConfig, RemoteNode, STATS_SLOTS,
+    Affinity, AffinityKey, Backend, Counter, DEFAULT_STACK_NAT_ENTRIES, Endpoint, EndpointKey,
+    FlowKey, LbNat, MAX_AFFINITY, MAX_BACKENDS, MAX_ENDPOINTS, MAX_LB_NAT, MAX_REMOTE_CIDRS,
+    MAX_SERVICE_ENTRIES, MAX_SOCK_REV_NAT, NodeConfig, RemoteNode, STATS_SLOTS, ServiceEntry,
+    ServiceKey, SockRevKey, SockRevNat,
 };
 
 /// Local pods by IPv4 address: where to deliver their packets.
@@ -32,3 +34,27 @@ pub static BEELINE_STACK_NAT: HashMap<FlowKey, u32, { DEFAULT_STACK_NAT_ENTRIES 
 /// Packet counters by (program, verdict), see `beeline_common::stats_slot`.
 #[btf_map]
 pub static BEELINE_STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCpuArray::new();
+
+/// Service frontends and their backend slots (`ServiceKey::slot`).
+#[btf_map]
+pub static BEELINE_SERVICES: HashMap<ServiceKey, ServiceEntry, { MAX_SERVICE_ENTRIES as usize }> =
+    HashMap::new();
+
+/// Backends by id.
+#[btf_map]
+pub static BEELINE_BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// Sockets whose destination was translated: the Service address to show
+/// in `recvmsg` and `getpeername`. LRU: a closed socket's entry ages out.
+#[btf_map]
+pub static BEELINE_SOCK_REV_NAT: LruHashMap<SockRevKey, SockRevNat, { MAX_SOCK_REV_NAT as usize }> =
+    LruHashMap::new();
+
+/// `sessionAffinity: ClientIP`: the backend a client last used.
+#[btf_map]
+pub static BEELINE_AFFINITY: LruHashMap<AffinityKey, Affinity, { MAX_AFFINITY as usize }> =
+    LruHashMap::new();
+
+/// Connections from outside translated per packet, both directions.
+#[btf_map]
+pub static BEELINE_LB_NAT: LruHashMap<FlowKey, LbNat, { MAX_LB_NAT as usize }> = LruHashMap::new();

@@ -6,12 +6,13 @@
 //! host stack sends out, whose NATed connections are recorded, and to which
 //! the VXLAN device's program names the remote node.
 use aya_ebpf::programs::TcContext;
-use beeline_common::{Verdict, VxlanEncap, vxlan_mac};
+use beeline_common::{NODE_SERVICES, NodeConfig, Verdict, VxlanEncap, vxlan_mac};
 
 use crate::{
+    external_lb,
     forward::{node_config, remote_node},
     local_delivery::to_local_pod,
-    packet::{Headers, IPPROTO_UDP},
+    packet::{Headers, IPPROTO_UDP, ports},
     stack_nat,
     stats::Outcome,
     vxlan,
@@ -20,21 +21,44 @@ use crate::{
 #[inline(always)]
 pub fn try_from_uplink(ctx: &TcContext) -> Outcome {
     let mut h = Headers::parse(ctx)?;
+    let config = node_config();
     if h.protocol() == IPPROTO_UDP
-        && let Some(config) = node_config()
+        && let Some(config) = config
         && config.vxlan_encap == VxlanEncap::Program as u16
         && h.daddr() == config.node_addr
+        && ports(ctx, &h).is_some_and(|p| [p[2], p[3]] == config.vxlan_port.to_be_bytes())
     {
         return vxlan::decapsulate(ctx, config);
+    }
+    if let Some(outcome) = services_from_outside(ctx, &h, config) {
+        return outcome;
     }
     to_local_pod(ctx, &mut h)
 }
 
-/// What the VXLAN device decapsulated (the programs declined it).
+/// What the VXLAN device decapsulated (the programs declined it): a packet
+/// for a pod, or for this node (a NodePort, a reply to a translated client).
 #[inline(always)]
 pub fn try_from_overlay(ctx: &TcContext) -> Outcome {
     let mut h = Headers::parse(ctx)?;
+    if let Some(outcome) = services_from_outside(ctx, &h, node_config()) {
+        return outcome;
+    }
     to_local_pod(ctx, &mut h)
+}
+
+/// Services reached from outside, when this node translates them.
+#[inline(always)]
+fn services_from_outside(
+    ctx: &TcContext,
+    h: &Headers,
+    config: Option<&NodeConfig>,
+) -> Option<Outcome> {
+    let config = config?;
+    if config.flags & NODE_SERVICES == 0 {
+        return None;
+    }
+    external_lb::from_outside(ctx, h, config)
 }
 
 #[inline(always)]

@@ -1,8 +1,11 @@
 //! Header access: Ethernet and IPv4 read and written in place (direct
 //! packet access, no helper call per field), the IPv4 header length
 //! honoured, L4 ports on request.
-use aya_ebpf::programs::TcContext;
-use beeline_common::Verdict;
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use beeline_common::{FlowKey, LbNat, Verdict};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -210,4 +213,102 @@ pub fn ipv4_header_checksum(ip: &[u8]) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+impl Headers<'_> {
+    /// The packet's TCP/UDP tuple as it is on the wire; `None` for other
+    /// protocols and later fragments.
+    #[inline(always)]
+    pub fn flow(&self, ctx: &TcContext) -> Option<FlowKey> {
+        let ports = ports(ctx, self)?;
+        Some(FlowKey {
+            saddr: self.saddr(),
+            daddr: self.daddr(),
+            sport: [ports[0], ports[1]],
+            dport: [ports[2], ports[3]],
+            protocol: self.protocol(),
+            pad: [0; 3],
+        })
+    }
+}
+
+/// Writes `to`'s addresses and ports into a TCP or UDP packet whose tuple
+/// is `from` (no tunnel header in front), fixing the IPv4 and L4 checksums
+/// incrementally. Invalidates every pointer into the packet: parse again.
+#[inline(always)]
+pub fn rewrite_flow(
+    ctx: &TcContext,
+    ipv4_header_len: usize,
+    from: &FlowKey,
+    to: &LbNat,
+) -> Result<(), Verdict> {
+    let l4 = ETH_HLEN + ipv4_header_len;
+    // A UDP checksum of 0 means none: it stays 0 (MANGLED_0).
+    let (csum_off, csum_flags) = if from.protocol == IPPROTO_TCP {
+        (l4 + 16, 0)
+    } else {
+        (l4 + 6, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let failed = |_| Verdict::DroppedHelperError;
+    if from.saddr != to.saddr {
+        replace_addr(
+            ctx,
+            IPV4_SADDR_OFF,
+            csum_off,
+            csum_flags,
+            from.saddr,
+            to.saddr,
+        )?;
+    }
+    if from.daddr != to.daddr {
+        replace_addr(
+            ctx,
+            IPV4_DADDR_OFF,
+            csum_off,
+            csum_flags,
+            from.daddr,
+            to.daddr,
+        )?;
+    }
+    if from.sport != to.sport {
+        let (old, new) = (u16::from_ne_bytes(from.sport), u16::from_ne_bytes(to.sport));
+        ctx.l4_csum_replace(csum_off, old as u64, new as u64, csum_flags | 2)
+            .map_err(failed)?;
+        ctx.store(l4, &to.sport, 0).map_err(failed)?;
+    }
+    if from.dport != to.dport {
+        let (old, new) = (u16::from_ne_bytes(from.dport), u16::from_ne_bytes(to.dport));
+        ctx.l4_csum_replace(csum_off, old as u64, new as u64, csum_flags | 2)
+            .map_err(failed)?;
+        ctx.store(l4 + 2, &to.dport, 0).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// One IPv4 address: the L4 checksum (pseudo header), the IPv4 header
+/// checksum, then the address itself.
+#[inline(always)]
+fn replace_addr(
+    ctx: &TcContext,
+    addr_off: usize,
+    csum_off: usize,
+    csum_flags: u64,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Verdict> {
+    let failed = |_| Verdict::DroppedHelperError;
+    let (old32, new32) = (
+        u32::from_ne_bytes(old) as u64,
+        u32::from_ne_bytes(new) as u64,
+    );
+    ctx.l4_csum_replace(
+        csum_off,
+        old32,
+        new32,
+        csum_flags | BPF_F_PSEUDO_HDR as u64 | 4,
+    )
+    .map_err(failed)?;
+    ctx.l3_csum_replace(IPV4_CSUM_OFF, old32, new32, 4)
+        .map_err(failed)?;
+    ctx.store(addr_off, &new, 0).map_err(failed)
 }

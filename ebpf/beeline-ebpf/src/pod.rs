@@ -3,10 +3,11 @@
 //! stack sends the pod).
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::debug;
-use beeline_common::Verdict;
+use beeline_common::{NODE_SERVICES, Verdict};
 
 use crate::{
-    forward::{remote_node, to_remote_node},
+    external_lb,
+    forward::{node_config, remote_node, to_remote_node},
     local_delivery::{deliver, endpoint},
     packet::Headers,
     stack_nat,
@@ -28,6 +29,13 @@ pub fn try_from_pod(ctx: &TcContext) -> Outcome {
             );
         }
     })?;
+    // A backend's reply to a client outside the cluster.
+    if let Some(config) = node_config()
+        && config.flags & NODE_SERVICES != 0
+        && let Some(outcome) = external_lb::tracked(ctx, &h, config)
+    {
+        return outcome;
+    }
     let daddr = h.daddr();
     if let Some(ep) = endpoint(daddr) {
         stack_nat::leave_replies_to_stack(ctx, &h)?;

@@ -18,13 +18,7 @@ pub fn finish(ctx: &TcContext, program: Program, outcome: Outcome) -> i32 {
     let verdict = match outcome {
         Ok(v) | Err(v) => v,
     };
-    if let Some(counter) = BEELINE_STATS.get_ptr_mut(stats_slot(program, verdict)) {
-        // SAFETY: a per-CPU slot, valid for the program's lifetime; nothing
-        // else runs on this CPU while we do.
-        let counter = unsafe { &mut *counter };
-        counter.packets += 1;
-        counter.bytes += ctx.len() as u64;
-    }
+    count(program, verdict, ctx.len());
     match verdict.kind() {
         VerdictKind::Redirect => TC_ACT_REDIRECT as i32,
         // TCX_NEXT: the next tc program or classic filter (e.g. the bandwidth
@@ -41,4 +35,16 @@ pub fn redirected(helper_result: i64, verdict: Verdict) -> Outcome {
         return Err(Verdict::DroppedHelperError);
     }
     Ok(verdict)
+}
+
+/// One packet (or socket call) of `bytes` under (program, verdict).
+#[inline(always)]
+pub fn count(program: Program, verdict: Verdict, bytes: u32) {
+    if let Some(counter) = BEELINE_STATS.get_ptr_mut(stats_slot(program, verdict)) {
+        // SAFETY: a per-CPU slot, valid for the program's lifetime; nothing
+        // else runs on this CPU while we do.
+        let counter = unsafe { &mut *counter };
+        counter.packets += 1;
+        counter.bytes += bytes as u64;
+    }
 }
