@@ -2,7 +2,8 @@
 //! integration tests drive the same code.
 //!
 //! - [`owners`]: the tasks that own the node's state (endpoint registry,
-//!   node sync, CNI installer), each reconciling with a period and backoff;
+//!   node sync, stack NAT, Services, CNI installer), each reconciling with
+//!   a period and backoff;
 //! - [`sources`]: where their inputs come from (Kubernetes watchers, files);
 //! - [`datapath`] and [`maps`]: the eBPF object, its programs and one module
 //!   per pinned map;
@@ -24,6 +25,7 @@ pub mod owners;
 pub mod remote;
 pub mod retire;
 pub mod routes;
+pub mod sockets;
 pub mod sources;
 pub mod state;
 pub mod status;

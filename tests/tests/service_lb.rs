@@ -558,3 +558,46 @@ fn backends_come_and_go_under_load_and_the_agent_restarts_without_a_failed_conne
     assert_eq!(alive + lost, 100, "{hold}");
     assert_eq!(hold["failures"], serde_json::json!([]), "{hold}");
 }
+
+#[test]
+fn a_connected_udp_socket_of_a_removed_backend_moves_on() {
+    let lb = Lb::new("direct");
+    let target = at(REMOTE_ONLY, 53).to_string();
+    let stay = lb.cgroups[0]
+        .cmd(&lb.a0.ns, bin("beeline-probe"))
+        .args(["udp-stay", &target, "--seconds", "5"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // b1 leaves the Service (still running: only the Service changed), b0
+    // joins it.
+    let mut services = lb.services();
+    services[1].endpoints = vec![Endpoint::ready(lb.b0.pod.ip, &lb.node_name(0))];
+    lb.publish(&services);
+    let out: Value = serde_json::from_slice(&stay.wait_with_output().unwrap().stdout).unwrap();
+    // The socket was closed under the application, which opened a new one
+    // and reached the new backend.
+    assert!(
+        out["answers"][lb.b1.pod.ip.to_string()]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{out}"
+    );
+    assert!(
+        out["answers"][lb.b0.pod.ip.to_string()]
+            .as_u64()
+            .unwrap_or(0)
+            > 0,
+        "{out}"
+    );
+    // One socket closed under it (its next send finds no destination).
+    assert_eq!(out["errors"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(out["sockets"], 2, "{out}");
+    assert!(
+        lb.cluster.nodes[0]
+            .metric("beeline_reconcile_actions_total{action=\"destroyed_udp_socket\"}")
+            >= 1.0
+    );
+}

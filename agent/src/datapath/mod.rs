@@ -94,12 +94,13 @@ impl Datapath {
         let remote_cidrs = RemoteCidrsMap::new(maps::take(&mut ebpf, map_names::REMOTE_CIDRS)?)?;
         let node_config = NodeConfigMap::new(maps::take(&mut ebpf, map_names::NODE_CONFIG)?)?;
         let stack_nat = StackNatMap::new(maps::take(&mut ebpf, map_names::STACK_NAT)?)?;
-        let services = ServicesMaps::new(
-            maps::take(&mut ebpf, map_names::SERVICES)?,
-            maps::take(&mut ebpf, map_names::BACKENDS)?,
-            maps::take(&mut ebpf, map_names::LB_NAT)?,
-            maps::take(&mut ebpf, map_names::AFFINITY)?,
-        )?;
+        let services = ServicesMaps::new(maps::services::Loaded {
+            services: maps::take(&mut ebpf, map_names::SERVICES)?,
+            backends: maps::take(&mut ebpf, map_names::BACKENDS)?,
+            lb_nat: maps::take(&mut ebpf, map_names::LB_NAT)?,
+            affinity: maps::take(&mut ebpf, map_names::AFFINITY)?,
+            sock_rev_nat: maps::take(&mut ebpf, map_names::SOCK_REV_NAT)?,
+        })?;
         info!(bpffs = %bpffs.display(), "datapath loaded, maps pinned");
         Ok(Datapath {
             programs: Programs::new(ebpf, bpffs, pod_attach),

@@ -1,12 +1,13 @@
 //! The Service maps: `BEELINE_SERVICES` (frontends and their backend
 //! slots), `BEELINE_BACKENDS`, and the translation state the programs keep
 //! (`BEELINE_LB_NAT`, `BEELINE_AFFINITY`, `BEELINE_SOCK_REV_NAT`).
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use beeline_common::{
-    Affinity, AffinityKey, Backend, FlowKey, LbNat, ServiceEntry, ServiceKey, map_names,
+    Affinity, AffinityKey, Backend, FlowKey, LbNat, ServiceEntry, ServiceKey, SockRevKey,
+    SockRevNat, map_names,
 };
 
 use super::key_not_found;
@@ -23,6 +24,28 @@ impl Tables {
     /// The frontends (slot 0 entries).
     pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceEntry)> {
         self.services.iter().filter(|(k, _)| k.slot == 0)
+    }
+
+    /// The backends (address, port) of every socket-scope UDP frontend
+    /// (address, port).
+    pub fn udp_socket_backends(
+        &self,
+    ) -> std::collections::HashSet<((Ipv4Addr, u16), (Ipv4Addr, u16))> {
+        self.frontends()
+            .filter(|(k, _)| k.protocol == 17 && k.scope == beeline_common::scope::SOCKET)
+            .flat_map(|(k, e)| {
+                let frontend = (Ipv4Addr::from(k.addr), u16::from_be_bytes(k.port));
+                self.slots(k, e.count)
+                    .into_iter()
+                    .filter_map(|id| self.backends.get(&id))
+                    .map(move |b| {
+                        (
+                            frontend,
+                            (Ipv4Addr::from(b.addr), u16::from_be_bytes(b.port)),
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// The backend ids in the slots of `frontend`, in slot order.
@@ -51,16 +74,48 @@ pub struct ServicesMaps {
     backends: HashMap<MapData, u32, Backend>,
     lb_nat: HashMap<MapData, FlowKey, LbNat>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
+    sock_rev_nat: HashMap<MapData, SockRevKey, SockRevNat>,
+}
+
+/// The maps, as loaded or opened from their pins.
+pub struct Loaded {
+    pub services: Map,
+    pub backends: Map,
+    pub lb_nat: Map,
+    pub affinity: Map,
+    pub sock_rev_nat: Map,
 }
 
 impl ServicesMaps {
-    pub fn new(services: Map, backends: Map, lb_nat: Map, affinity: Map) -> Result<ServicesMaps> {
+    pub fn new(maps: Loaded) -> Result<ServicesMaps> {
         Ok(ServicesMaps {
-            services: HashMap::try_from(services)?,
-            backends: HashMap::try_from(backends)?,
-            lb_nat: HashMap::try_from(lb_nat)?,
-            affinity: HashMap::try_from(affinity)?,
+            services: HashMap::try_from(maps.services)?,
+            backends: HashMap::try_from(maps.backends)?,
+            lb_nat: HashMap::try_from(maps.lb_nat)?,
+            affinity: HashMap::try_from(maps.affinity)?,
+            sock_rev_nat: HashMap::try_from(maps.sock_rev_nat)?,
         })
+    }
+
+    /// The Service address the socket programs translated to `addr:port`
+    /// for the socket `cookie`, if they did.
+    pub fn translated_from(
+        &self,
+        cookie: u64,
+        addr: Ipv4Addr,
+        port: u16,
+    ) -> Option<(Ipv4Addr, u16)> {
+        let key = SockRevKey {
+            cookie,
+            addr: addr.octets(),
+            port: port.to_be_bytes(),
+            pad: [0; 2],
+        };
+        let service = self.sock_rev_nat.get(&key, 0).ok()?;
+        Some((
+            Ipv4Addr::from(service.addr),
+            u16::from_be_bytes(service.port),
+        ))
     }
 
     pub fn open(bpffs: &Path) -> Result<ServicesMaps> {
@@ -71,12 +126,13 @@ impl ServicesMaps {
                 _ => Map::LruHashMap(data),
             })
         };
-        ServicesMaps::new(
-            pinned(map_names::SERVICES)?,
-            pinned(map_names::BACKENDS)?,
-            pinned(map_names::LB_NAT)?,
-            pinned(map_names::AFFINITY)?,
-        )
+        ServicesMaps::new(Loaded {
+            services: pinned(map_names::SERVICES)?,
+            backends: pinned(map_names::BACKENDS)?,
+            lb_nat: pinned(map_names::LB_NAT)?,
+            affinity: pinned(map_names::AFFINITY)?,
+            sock_rev_nat: pinned(map_names::SOCK_REV_NAT)?,
+        })
     }
 
     /// Everything the frontend and backend maps hold now.

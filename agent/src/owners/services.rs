@@ -4,7 +4,7 @@
 //! whole policy (which addresses, which endpoints for which traffic); the
 //! rest is ids, ordering and repair.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use beeline_common::{Backend, SERVICE_SNAT, ServiceEntry, ServiceKey, scope};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{Pace, Pass, repaired};
 use crate::{
@@ -346,6 +346,7 @@ impl Services {
         let frontends = desired_frontends(objects, &self.node_name, node_addr);
         let desired = self.ids.tables(&frontends);
         let changes = self.maps.apply(&current, &desired)?;
+        self.move_udp_sockets_on(&current, &desired);
         if let Some((before, _)) = &self.applied
             && *before != current
         {
@@ -409,6 +410,44 @@ impl Services {
     }
 }
 
+impl Services {
+    /// Connected UDP sockets to a backend that left: destroyed, so their
+    /// applications open new ones (a TCP connection fails by itself).
+    fn move_udp_sockets_on(&self, current: &Tables, desired: &Tables) {
+        // (frontend, backend) pairs that no longer exist.
+        let desired_pairs = desired.udp_socket_backends();
+        let gone: HashSet<_> = current
+            .udp_socket_backends()
+            .into_iter()
+            .filter(|pair| !desired_pairs.contains(pair))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let doomed = |s: &crate::sockets::UdpSocket| {
+            let backend = (s.dst, s.dport);
+            self.maps
+                .translated_from(s.cookie, s.dst, s.dport)
+                .is_some_and(|frontend| gone.contains(&(frontend, backend)))
+        };
+        let mut destroyed = 0;
+        for netns in crate::sockets::netns_to_search(&self.state_dir) {
+            match crate::sockets::destroy_udp_in(netns.as_deref(), &doomed) {
+                Ok(n) => destroyed += n,
+                // A pod that went away meanwhile, say: its sockets went too.
+                Err(e) => debug!(?netns, "looking for UDP sockets to move on: {e}"),
+            }
+        }
+        if destroyed > 0 {
+            info!(
+                destroyed,
+                "closed connected UDP sockets of removed backends"
+            );
+        }
+        self.metrics.count_action("destroyed_udp_socket", destroyed);
+    }
+}
+
 fn write_names(state_dir: &std::path::Path, names: &Names) -> Result<()> {
     std::fs::create_dir_all(state_dir)?;
     let path = state_dir.join(NAMES_FILE);
@@ -438,7 +477,7 @@ fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::services::{IPPROTO_UDP, PortInfo, SliceInfo};
+    use crate::sources::services::{PortInfo, SliceInfo};
 
     fn ep(addr: [u8; 4], node: &str, ready: bool, terminating: bool) -> EndpointInfo {
         EndpointInfo {

@@ -10,6 +10,9 @@
 //!   S seconds from P threads; counts answers by backend and every failure.
 //! - `hold ADDR --count N --seconds S`: N long-lived TCP connections, each
 //!   asking `who` every 100 ms; counts the ones that broke.
+//! - `udp-stay ADDR --seconds S`: one connected UDP socket asking `who`
+//!   every 100 ms, replaced by a new one when it fails (as a resolver
+//!   does); counts answers by backend and the errors seen.
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -53,6 +56,11 @@ enum Cmd {
         #[arg(long)]
         seconds: f64,
     },
+    UdpStay {
+        addr: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+    },
 }
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -91,6 +99,7 @@ fn main() {
             count,
             seconds,
         } => hold(addr, count, seconds),
+        Cmd::UdpStay { addr, seconds } => udp_stay(addr, seconds),
     };
     println!("{out}");
 }
@@ -181,4 +190,40 @@ fn hold(addr: SocketAddr, count: usize, seconds: f64) -> Value {
         *alive.entry(backend.clone()).or_default() += 1;
     }
     json!({"alive": alive, "broken": broken, "failures": failures})
+}
+
+fn udp_stay(addr: SocketAddr, seconds: f64) -> Value {
+    let until = Instant::now() + Duration::from_secs_f64(seconds);
+    let connect = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        s.connect(addr)?;
+        Ok(s)
+    };
+    let mut socket = connect().expect("a UDP socket");
+    let mut answers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut sockets = 1;
+    let mut buf = [0u8; 64];
+    while Instant::now() < until {
+        match socket.send(b"who").and_then(|_| socket.recv(&mut buf)) {
+            Ok(n) => {
+                *answers
+                    .entry(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .or_default() += 1
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                errors.push(e.to_string());
+                socket = connect().expect("a UDP socket");
+                sockets += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    json!({"answers": answers, "errors": errors, "sockets": sockets})
 }
