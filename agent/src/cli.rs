@@ -151,7 +151,14 @@ pub struct RunArgs {
     /// Translate Services in eBPF (kube-proxy replacement): ClusterIPs at
     /// the socket for pods and the node, NodePorts, externalIPs and
     /// load-balancer IPs per packet for clients outside the cluster.
-    #[arg(long)]
+    /// `--kube-proxy-replacement` or `--kube-proxy-replacement=true|false`.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub kube_proxy_replacement: bool,
     /// Static Service source: a List of Services and EndpointSlices (as
     /// `kubectl get svc,endpointslices -A -o yaml` prints it), reloaded when

@@ -130,10 +130,10 @@ pub fn stats(bpffs: &Path) -> Result<Stats> {
 
 /// One line per program and verdict that counted anything.
 pub fn print_stats(stats: &Stats) {
-    println!("{:<14} {:<22} {:>14}", "PROGRAM", "VERDICT", "PACKETS");
+    println!("{:<16} {:<22} {:>14}", "PROGRAM", "VERDICT", "PACKETS");
     for (program, verdicts) in stats {
         for (verdict, packets) in verdicts.iter().filter(|(_, n)| **n > 0) {
-            println!("{program:<14} {verdict:<22} {packets:>14}");
+            println!("{program:<16} {verdict:<22} {packets:>14}");
         }
     }
 }

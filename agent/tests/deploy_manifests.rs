@@ -8,7 +8,8 @@
 //! - every path the agent uses is on a writable hostPath mount, at the host
 //!   path the node (CNI binary, container runtime, bpftool) expects;
 //! - the probes reach the health server the args configure;
-//! - RBAC grants the agent's service account a Node watch and nothing more;
+//! - RBAC grants the agent's service account watches on Nodes, Services and
+//!   EndpointSlices and nothing more;
 //! - the DaemonSet runs on every node, in the host network namespace;
 //! - the image (`deploy/Containerfile`) ships what the DaemonSet runs.
 use std::{
@@ -459,6 +460,14 @@ fn every_path_the_agent_uses_is_on_a_host_path_mount() {
         "netns created after the agent started must be visible to it"
     );
 
+    // The Service socket programs attach to the node's cgroup2 root.
+    let cgroup = args.cgroup_root.as_ref().expect("--cgroup-root is set");
+    assert_eq!(
+        m.host_path(cgroup).1,
+        Path::new("/sys/fs/cgroup"),
+        "--cgroup-root on the node"
+    );
+
     // The kubelet refuses Bidirectional propagation to unprivileged containers.
     let privileged = m
         .agent()
@@ -551,27 +560,45 @@ fn probes_reach_the_health_server() {
 }
 
 #[test]
-fn rbac_grants_the_agent_a_node_watch_and_nothing_more() {
+fn rbac_grants_the_agent_watches_on_nodes_services_and_endpointslices_and_nothing_more() {
     let m = load();
     let role = the(&m.cluster_roles, "ClusterRole");
     assert!(role.aggregation_rule.is_none(), "no aggregated ClusterRole");
     let rules = role.rules.as_deref().unwrap_or_default();
-    assert_eq!(rules.len(), 1, "one rule: get/list/watch nodes");
-    let rule = &rules[0];
+    let mut granted: Vec<(String, String, Vec<String>)> = Vec::new();
+    for rule in rules {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        let mut verbs = rule.verbs.clone();
+        verbs.sort();
+        assert!(
+            verbs
+                .iter()
+                .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+            "a watch only reads: {verbs:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                granted.push((group.clone(), resource.clone(), verbs.clone()));
+            }
+        }
+    }
+    granted.sort();
+    let want = |g: &str, r: &str, v: &[&str]| {
+        (
+            g.to_owned(),
+            r.to_owned(),
+            v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
     assert_eq!(
-        rule.api_groups.as_deref(),
-        Some(&[String::new()][..]),
-        "core API group"
+        granted,
+        vec![
+            want("", "nodes", &["get", "list", "watch"]),
+            want("", "services", &["list", "watch"]),
+            want("discovery.k8s.io", "endpointslices", &["list", "watch"]),
+        ],
+        "Nodes (routes), Services and EndpointSlices (the Service load balancer), nothing else"
     );
-    assert_eq!(
-        rule.resources.as_deref(),
-        Some(&["nodes".to_owned()][..]),
-        "the agent only watches Nodes"
-    );
-    let mut verbs = rule.verbs.clone();
-    verbs.sort();
-    assert_eq!(verbs, ["get", "list", "watch"], "a watch only reads");
-    assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
 
     let binding = the(&m.cluster_role_bindings, "ClusterRoleBinding");
     assert_eq!(binding.role_ref.kind, "ClusterRole");

@@ -99,6 +99,18 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Stops the servers and leaves the pod running (its netns and veth
+    /// belong to the caller from now on).
+    pub fn stop_serving(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

@@ -315,18 +315,6 @@ fn matrix(mode: &str) {
             "NodePort on node {node}"
         );
         let out = udp_from(outside, at(ip, NP_UDP));
-        if out.is_err() {
-            for n in 0..2 {
-                let st = lb.stats(n);
-                for p in [
-                    "from_pod",
-                    "from_uplink",
-                    "service_lb",
-                    "to_uplink",
-                    "from_overlay",
-                ] {}
-            }
-        }
         let (who, from) = out.unwrap_or_else(|e| panic!("UDP NodePort on node {node}: {e}"));
         assert!(who == b0.to_string() || who == b1.to_string(), "{who}");
         assert_eq!(from, at(ip, NP_UDP), "UDP answers come from the NodePort");

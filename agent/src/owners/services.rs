@@ -477,7 +477,7 @@ fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sources::services::{PortInfo, SliceInfo};
+    use crate::sources::services::{IPPROTO_UDP, PortInfo, SliceInfo};
 
     fn ep(addr: [u8; 4], node: &str, ready: bool, terminating: bool) -> EndpointInfo {
         EndpointInfo {

@@ -8,7 +8,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use beeline_tests::{Cluster, Pod, tcp_throughput};
+use beeline_tests::{
+    Cluster, NetNs, Pod,
+    service_lb::{
+        Backend, Cgroup, Endpoint, Port, ServiceSpec, ServicesFile, TCP_PORT, services_of,
+    },
+    tcp_throughput,
+};
 use serde_json::{Value, json};
 
 const STATE_FILE: &str = "/run/beeline-demo.json";
@@ -63,9 +69,22 @@ fn run(keep: bool, mode: &str) -> Result<(), String> {
     step("creating 3 node namespaces on a bridged underlay (192.168.100.0/24)")?;
     let mut cluster = Cluster::new(3);
     step(&format!(
-        "starting one beeline-agent per node (--mode {mode}), fed by a generated NodeList"
+        "starting one beeline-agent per node (--mode {mode} --kube-proxy-replacement), fed by a \
+         generated NodeList and Service list, each with a cgroup of its own"
     ))?;
-    cluster.start(&["--mode", mode]);
+    let services = ServicesFile::new();
+    let cgroups: Vec<Cgroup> = cluster.nodes.iter().map(|_| Cgroup::new()).collect();
+    let all: Vec<usize> = (0..cluster.nodes.len()).collect();
+    cluster.publish_nodes(&all);
+    for (node, cgroup) in cluster.nodes.iter_mut().zip(&cgroups) {
+        node.start_agent(&[
+            "--mode",
+            mode,
+            "--kube-proxy-replacement",
+            &services.arg(),
+            &cgroup.arg(),
+        ]);
+    }
 
     step("creating 2 pods per node by executing the CNI binary (CNI_COMMAND=ADD)")?;
     let mut pods: Vec<(usize, Pod)> = Vec::new();
@@ -145,6 +164,9 @@ fn run(keep: bool, mode: &str) -> Result<(), String> {
         a.ip, c.ip
     );
 
+    let outside = cluster.external_host(OUTSIDE);
+    let backends = service_demo(&cluster, &cgroups, &services, &pods[0].1, &outside)?;
+
     let node1 = &cluster.nodes[0];
     step("node1's endpoint map, as bpftool prints it")?;
     let map = node1.bpffs.path.join("BEELINE_ENDPOINTS");
@@ -171,20 +193,137 @@ fn run(keep: bool, mode: &str) -> Result<(), String> {
     eprintln!("demo took {:.1} s", started.elapsed().as_secs_f64());
 
     if keep {
-        keep_up(cluster, pods)?;
+        keep_up(cluster, pods, cgroups, outside, backends, services)?;
     } else {
         step("cleaning up (DEL every pod, stop the agents, remove namespaces and pins)")?;
         for (i, pod) in &pods {
             pod.del(&cluster.nodes[*i]);
         }
+        drop(backends);
+        drop(cluster);
     }
     Ok(())
 }
 
+const OUTSIDE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 100, 200);
+const CLUSTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+const NODE_PORT: u16 = 30080;
+
+/// A Service with backends on node2 and node3, reached by ClusterIP from a
+/// pod on node1 and from node3 itself, and by NodePort from a host outside.
+fn service_demo(
+    cluster: &Cluster,
+    cgroups: &[Cgroup],
+    services: &ServicesFile,
+    client: &Pod,
+    outside: &NetNs,
+) -> Result<Vec<Backend>, String> {
+    step(
+        "Service demo/echo: ClusterIP 10.96.0.10:80 and NodePort 30080, backends on node2 and node3",
+    )?;
+    let backends = vec![
+        Backend::start(&cluster.nodes[1]),
+        Backend::start(&cluster.nodes[2]),
+    ];
+    let spec = ServiceSpec {
+        endpoints: backends
+            .iter()
+            .zip([1, 2])
+            .map(|(b, i)| Endpoint::ready(b.pod.ip, &cluster.nodes[i].name))
+            .collect(),
+        ..ServiceSpec::new(
+            "echo",
+            CLUSTER_IP,
+            vec![Port {
+                name: "http",
+                protocol: "TCP",
+                port: 80,
+                target_port: TCP_PORT,
+                named_target: None,
+                node_port: Some(NODE_PORT),
+            }],
+        )
+    };
+    services.write(&[spec]);
+    let node1 = &cluster.nodes[0];
+    let ready = beeline_tests::eventually(Duration::from_secs(10), || {
+        services_of(&node1.bpffs.path, &node1.state_dir())
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["state"] == "ok"))
+    });
+    if !ready {
+        return Err("the agents never translated the Service".into());
+    }
+    let clusterip = format!("{CLUSTER_IP}:80");
+    println!(
+        "
+Service demo/echo (each answer is the backend pod's address)"
+    );
+    for (what, i, ns) in [
+        (format!("pod {} on node1", client.ip), 0, &client.ns),
+        (
+            "node3 itself (a host process)".to_string(),
+            2,
+            &cluster.nodes[2].ns,
+        ),
+    ] {
+        let answers: Vec<String> = (0..4)
+            .map(|_| {
+                let out = cgroups[i].probe(ns, &["tcp", &clusterip, "who"]);
+                out["reply"].as_str().unwrap_or("FAILED").to_string()
+            })
+            .collect();
+        println!("  {what:<32} -> {clusterip}: {}", answers.join(", "));
+    }
+    let nodeport = format!("{}:{NODE_PORT}", Cluster::node_ip(0));
+    let answers: Vec<String> = (0..4)
+        .map(|_| {
+            let out = beeline_tests::run(
+                outside
+                    .cmd(beeline_tests::bin("beeline-probe"))
+                    .args(["tcp", &nodeport, "who"]),
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or_default()["reply"]
+                .as_str()
+                .unwrap_or("FAILED")
+                .to_string()
+        })
+        .collect();
+    println!(
+        "  {:<32} -> {nodeport}: {}",
+        format!("host {OUTSIDE} outside the cluster"),
+        answers.join(", ")
+    );
+    step("node1's Service maps (beeline-agent services)")?;
+    let out = Command::new(beeline_tests::bin("beeline-agent"))
+        .args(["services", "--bpffs-dir"])
+        .arg(&node1.bpffs.path)
+        .arg("--state-dir")
+        .arg(node1.state_dir())
+        .output()
+        .map_err(|e| e.to_string())?;
+    println!(
+        "
+{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(backends)
+}
+
 /// Leaves everything running and records it so `--down` can remove it.
-fn keep_up(cluster: Cluster, pods: Vec<(usize, Pod)>) -> Result<(), String> {
-    let mut netns: Vec<String> = vec![cluster.fabric.name.clone()];
-    let mut dirs: Vec<PathBuf> = Vec::new();
+/// The Service's backends answer only while this process runs: they stop,
+/// the Service stays in the maps.
+fn keep_up(
+    cluster: Cluster,
+    pods: Vec<(usize, Pod)>,
+    cgroups: Vec<Cgroup>,
+    outside: NetNs,
+    backends: Vec<Backend>,
+    services: ServicesFile,
+) -> Result<(), String> {
+    let mut netns: Vec<String> = vec![cluster.fabric.name.clone(), outside.name.clone()];
+    let cgroup_dirs: Vec<PathBuf> = cgroups.iter().map(|c| c.path.clone()).collect();
+    let mut dirs: Vec<PathBuf> = vec![services.path.parent().unwrap().to_path_buf()];
     let mut bpffs: Vec<PathBuf> = Vec::new();
     let mut pids: Vec<u32> = Vec::new();
     println!("\nThe cluster stays up. Enter a pod or a node with:");
@@ -212,12 +351,21 @@ fn keep_up(cluster: Cluster, pods: Vec<(usize, Pod)>) -> Result<(), String> {
         );
     }
     println!("Remove it with: sudo cargo xtask demo --down");
-    let state = json!({ "netns": netns, "dirs": dirs, "bpffs": bpffs, "agent_pids": pids });
+    for b in &backends {
+        netns.push(b.pod.ns.name.clone());
+    }
+    let state = json!({ "netns": netns, "dirs": dirs, "bpffs": bpffs, "agent_pids": pids, "cgroups": cgroup_dirs });
     std::fs::write(STATE_FILE, serde_json::to_vec_pretty(&state).unwrap())
         .map_err(|e| e.to_string())?;
     // Everything now belongs to the state file, not to this process.
     std::mem::forget(pods);
     std::mem::forget(cluster);
+    std::mem::forget(cgroups);
+    std::mem::forget(outside);
+    std::mem::forget(services);
+    for b in backends {
+        b.stop_serving();
+    }
     Ok(())
 }
 
@@ -259,6 +407,9 @@ fn tear_down() -> bool {
     }
     for dir in list("bpffs").into_iter().chain(list("dirs")) {
         let _ = std::fs::remove_dir_all(dir);
+    }
+    for dir in list("cgroups") {
+        let _ = std::fs::remove_dir(dir);
     }
     let _ = std::fs::remove_file(STATE_FILE);
     eprintln!("demo cluster removed");
