@@ -158,6 +158,7 @@ fn pod_to_pod<'a>(name: &'static str, pods: &'a [(NetNs, Ipv4Addr)]) -> Path2<'a
         server: &pods[1].0,
         ip: pods[1].1,
         client: &pods[0].0,
+        via: None,
     }
 }
 
@@ -190,6 +191,7 @@ impl CrossNode {
                 server: &self.kr.nodes[1].ns,
                 ip: Cluster::node_ip(1),
                 client: &self.kr.nodes[0].ns,
+                via: None,
             },
             pod_to_pod("kernel routing", &self.kr_pods),
             pod_to_pod("beeline direct", &self.direct_pods),

@@ -74,6 +74,7 @@ impl RedirectPeerFloor {
             server: &self.pods[1].0,
             ip: self.pods[1].1,
             client: &self.pods[0].0,
+            via: None,
         }
     }
 }

@@ -9,7 +9,10 @@
 //! 3. the same with 10,000 iptables rules per chain and br_netfilter on;
 //! 4. cross-node: Beeline direct / VXLAN vs the underlay and kernel routing;
 //! 5. agent scale: a 5,000-node NodeList, 60,000 endpoints, agent RSS;
-//! 6. CPU cost per packet of each tc program and verifier instruction counts.
+//! 6. CPU cost per packet of each tc program and verifier instruction counts;
+//! 7. Services: pod IP vs a ClusterIP through Beeline's socket hooks vs one
+//!    through kube-proxy's iptables rules, with 10 and 10,000 Services, and
+//!    10,000 Services into the agent's maps.
 //!
 //! Writes `bench/results/<date>.json` (raw samples and summaries) and
 //! `<date>.md` (`<date>-quick.*` with `--quick`), prints the Markdown.
@@ -18,7 +21,7 @@
 //! removes it.
 //!
 //! Layout: a module per phase (`setup_cost` 1, `same_node` 2 with the
-//! `floor` contender, `rules` 3, `cross_node` 4, `scale` 5, `cpu_cost` 6),
+//! `floor` contender, `rules` 3, `cross_node` 4, `scale` 5, `cpu_cost` 6, `services` 7),
 //! and what they share: `cni` (the plugins as a runtime runs them), `traffic`
 //! (throughput and latency between two namespaces), `machine` (machine state
 //! and the quiet-machine rules), `process` (child processes), `stats` and
@@ -33,6 +36,7 @@ mod report;
 mod rules;
 mod same_node;
 mod scale;
+mod services;
 mod setup_cost;
 mod stats;
 mod traffic;
@@ -54,6 +58,7 @@ use crate::{
     report::{Report, guarded, write_results},
     same_node::same_node_phases,
     scale::phase_scale,
+    services::phase_services,
     setup_cost::phase_setup_cost,
 };
 
@@ -108,7 +113,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!(
-            "beeline-bench [--quick] [--phases 1,2,3,4,5,6] [--out DIR]\n\
+            "beeline-bench [--quick] [--phases 1,2,3,4,5,6,7] [--out DIR]\n\
              Benchmarks Beeline against the bridge plugin and the physical limits (root)."
         );
         return;
@@ -121,7 +126,7 @@ fn main() {
     };
     let phases: BTreeSet<u8> = value("--phases")
         .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
-        .unwrap_or_else(|| (1..=6).collect());
+        .unwrap_or_else(|| (1..=7).collect());
     let out_dir = value("--out").map(PathBuf::from).unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -223,6 +228,9 @@ fn run(cfg: &Cfg) -> i32 {
     }
     if want(5) {
         guarded(&mut report, "5", || phase_scale(cfg));
+    }
+    if want(7) {
+        guarded(&mut report, "7", || phase_services(cfg));
     }
     let elapsed = cfg.started.elapsed().as_secs_f64();
     report

@@ -84,6 +84,7 @@ impl SameNode {
             server: &self.bl_pods[1].0,
             ip: self.bl_pods[1].1,
             client: &self.bl_pods[0].0,
+            via: None,
         }];
         if with_floor {
             v.push(self.floor.path());
@@ -94,6 +95,7 @@ impl SameNode {
                 server: &self.br_pods[1].0,
                 ip: self.br_pods[1].1,
                 client: &self.br_pods[0].0,
+                via: None,
             });
         }
         v.push(Path2 {
@@ -101,6 +103,7 @@ impl SameNode {
             server: &self.veth.1,
             ip: Ipv4Addr::new(10, 98, 0, 2),
             client: &self.veth.0,
+            via: None,
         });
         v
     }

@@ -87,7 +87,7 @@ fn remote_count(bpffs: &Path) -> usize {
 }
 
 /// Seconds of the day of a tracing JSON log timestamp (…THH:MM:SS.ffffffZ).
-fn log_seconds(ts: &str) -> Option<f64> {
+pub(crate) fn log_seconds(ts: &str) -> Option<f64> {
     let t = ts.split('T').nth(1)?.trim_end_matches('Z');
     let mut it = t.split(':');
     let h: f64 = it.next()?.parse().ok()?;
@@ -125,7 +125,7 @@ fn agent_sync_seconds(log: &str, nodes: usize) -> Option<f64> {
     last
 }
 
-fn vm_kib(pid: u32, key: &str) -> Option<f64> {
+pub(crate) fn vm_kib(pid: u32, key: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()

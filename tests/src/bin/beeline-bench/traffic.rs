@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use beeline_tests::{NetNs, eventually, tcp_throughput};
+use beeline_tests::{NetNs, eventually, service_lb::Cgroup, tcp_throughput};
 use serde_json::{Value, json};
 
 use crate::{
@@ -25,6 +25,31 @@ pub(crate) struct Path2<'a> {
     pub(crate) server: &'a NetNs,
     pub(crate) ip: Ipv4Addr,
     pub(crate) client: &'a NetNs,
+    /// The client connects to a Service instead of `ip`.
+    pub(crate) via: Option<Via<'a>>,
+}
+
+/// A Service in front of a path's server: the address the client connects
+/// to, the server ports it maps one to one (iperf3, sockperf), and the
+/// cgroup the client runs in (Beeline's socket hooks are attached there).
+pub(crate) struct Via<'a> {
+    pub(crate) addr: Ipv4Addr,
+    pub(crate) ports: [u16; 2],
+    pub(crate) cgroup: Option<&'a Cgroup>,
+}
+
+impl Path2<'_> {
+    /// Where the client connects.
+    fn dst(&self) -> Ipv4Addr {
+        self.via.as_ref().map_or(self.ip, |v| v.addr)
+    }
+    /// A command run in the client's namespace (and cgroup).
+    fn client_cmd(&self, program: &str) -> Command {
+        match self.via.as_ref().and_then(|v| v.cgroup) {
+            Some(cg) => cg.cmd(self.client, program),
+            None => self.client.cmd(program),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -107,8 +132,14 @@ pub(crate) struct Servers {
 impl Servers {
     pub(crate) fn start(cfg: &Cfg, p: &Path2) -> R<Servers> {
         let ip = p.ip.to_string();
-        let spawn = |mut cmd: Command| -> R<(ChildGuard, u16)> {
-            let port = next_port();
+        if p.via.is_some() && !(cfg.tools.iperf3 && cfg.tools.sockperf) {
+            return Err(format!(
+                "{}: a Service path needs iperf3 and sockperf",
+                p.name
+            ));
+        }
+        let spawn = |mut cmd: Command, which: usize| -> R<(ChildGuard, u16)> {
+            let port = p.via.as_ref().map_or_else(next_port, |v| v.ports[which]);
             let server = ChildGuard::spawn(
                 cmd.args(["-p", &port.to_string()])
                     .stdin(Stdio::null())
@@ -122,14 +153,14 @@ impl Servers {
         let iperf3 = if cfg.tools.iperf3 {
             let mut cmd = p.server.cmd("iperf3");
             cmd.args(["-s", "-B", &ip]);
-            Some(spawn(cmd)?)
+            Some(spawn(cmd, 0)?)
         } else {
             None
         };
         let sockperf = if cfg.tools.sockperf {
             let mut cmd = pinned(p.server.cmd("sockperf"), LATENCY_CPU);
             cmd.args(["sr", "--tcp", "-i", &ip]);
-            Some(spawn(cmd)?)
+            Some(spawn(cmd, 1)?)
         } else {
             None
         };
@@ -142,9 +173,9 @@ pub(crate) fn throughput(p: &Path2, srv: &Servers, seconds: u64) -> R<f64> {
     let Some((_, port)) = &srv.iperf3 else {
         return tcp_throughput(p.server, p.ip, p.client, secs);
     };
-    let ip = p.ip.to_string();
+    let ip = p.dst().to_string();
     let out = run_timeout(
-        p.client.cmd("iperf3").args([
+        p.client_cmd("iperf3").args([
             "-c",
             &ip,
             "-p",
@@ -216,9 +247,9 @@ fn pinned(mut cmd: Command, cpu: usize) -> Command {
 /// goes), both ends on the same CPU.
 fn sockperf(p: &Path2, port: u16, seconds: u64) -> R<Lat> {
     let port = port.to_string();
-    let ip = p.ip.to_string();
+    let ip = p.dst().to_string();
     let out = run_timeout(
-        pinned(p.client.cmd("sockperf"), LATENCY_CPU).args([
+        pinned(p.client_cmd("sockperf"), LATENCY_CPU).args([
             "pp",
             "--tcp",
             "-i",
