@@ -69,6 +69,52 @@ pub fn dnat_replies() -> io::Result<HashSet<FlowKey>> {
     }
 }
 
+/// Whether conntrack holds a destination-NATed connection whose replies
+/// have `key`: a client that reopens a connection on the same port makes a
+/// new one as the old one ends, and both have the same key.
+pub fn dnat_reply_exists(key: &FlowKey) -> io::Result<bool> {
+    let protocol = match i32::from(key.protocol) {
+        libc::IPPROTO_TCP => Protocol::Tcp,
+        libc::IPPROTO_UDP => Protocol::Udp,
+        _ => return Ok(false),
+    };
+    let tuple = vec![
+        Tuple::Ip(vec![
+            IPTuple::SourceAddress(IpAddr::V4(key.saddr.into())),
+            IPTuple::DestinationAddress(IpAddr::V4(key.daddr.into())),
+        ]),
+        Tuple::Proto(vec![
+            ProtoTuple::Protocol(protocol),
+            ProtoTuple::SourcePort(u16::from_be_bytes(key.sport)),
+            ProtoTuple::DestinationPort(u16::from_be_bytes(key.dport)),
+        ]),
+    ];
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleReply(tuple)]),
+        )),
+    );
+    request.header.flags = NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let (data, _) = socket.recv_from_full()?;
+    let message = NetlinkMessage::<NetfilterMessage>::deserialize(&data)
+        .map_err(|e| io::Error::other(format!("a conntrack message: {e}")))?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(m) => Ok(dnat_reply(&m) == Some(*key)),
+        NetlinkPayload::Error(e) if e.to_io().raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        NetlinkPayload::Error(e) => Err(e.to_io()),
+        _ => Ok(false),
+    }
+}
+
 /// Listens for connections that end, on a thread of its own (the socket is
 /// read as fast as the kernel writes); stops when `tx` closes.
 pub fn listen(tx: mpsc::UnboundedSender<Event>) -> io::Result<std::thread::JoinHandle<()>> {

@@ -583,3 +583,88 @@ fn a_hundred_service_connections_survive_pods_coming_and_going() {
         failures.len()
     );
 }
+
+/// A TCP connection from `port` in `ns` (bound first, as a client that
+/// reuses its port does).
+fn connect_from(ns: &NetNs, port: u16, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+    };
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = to else {
+        unreachable!("IPv4 only")
+    };
+    ns.enter(|| {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
+        connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
+        Ok(TcpStream::from(fd))
+    })
+}
+
+/// A client that reopens its connection on the same port at once (after a
+/// reset): conntrack ends the old connection as the new one starts, and
+/// both have the same reply tuple. The old one's end must not take the new
+/// one's stack-NAT entry: its replies would skip conntrack and reach the
+/// client from the backend's address (reset), as the server speaking first
+/// after a while shows.
+#[test]
+fn a_connection_reopened_on_the_same_port_keeps_its_replies_translated() {
+    let s = Setup::new("direct", ProxyMode::Iptables, 1);
+    let listener =
+        s.b0.pod
+            .ns
+            .enter(|| TcpListener::bind((s.b0.pod.ip, IDLE_PORT)))
+            .unwrap();
+    let idle = SocketAddr::from((Ipv4Addr::from(IDLE), IDLE_PORT));
+    for round in 0..4 {
+        let mut client = connect_from(&s.a0.ns, 40123, idle)
+            .unwrap_or_else(|e| panic!("round {round}: connect: {e}"));
+        let (mut server_side, _) = listener.accept().unwrap();
+        // The old connection's end reaches the agent meanwhile.
+        std::thread::sleep(Duration::from_millis(1500));
+        server_side.write_all(b"hello").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = client
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("round {round}: the server's greeting was lost: {e}"));
+        assert_eq!(&buf[..n], b"hello", "round {round}");
+        assert_eq!(client.peer_addr().unwrap(), idle);
+        // A reset, so the next round reopens the same conntrack tuple.
+        nix::sys::socket::setsockopt(
+            &client,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        drop(client);
+        drop(server_side);
+    }
+    // And the entry still goes once the last connection is over for good
+    // (a reset connection stays in conntrack for 10 s).
+    let ours = || {
+        beeline_agent::maps::StackNatMap::open(&s.node(0).bpffs.path)
+            .unwrap()
+            .keys()
+            .unwrap()
+            .iter()
+            .filter(|k| u16::from_be_bytes(k.dport) == 40123)
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || ours() == 0),
+        "the ended connection's stack-NAT entry stayed"
+    );
+}

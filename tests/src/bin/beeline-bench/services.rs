@@ -42,8 +42,10 @@ const KUBE_PROXY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 /// Service port = target port: iperf3, sockperf.
 const BEELINE_PORTS: [u16; 2] = [15201, 15202];
 const KUBE_PROXY_PORTS: [u16; 2] = [15211, 15212];
-/// The connection-rate server; every path reaches it on port 80.
-const CONN_PORT: u16 = 15300;
+/// The connection-rate servers, one per path (pod IP, Beeline's Service,
+/// kube-proxy's), so no two paths share a connection tuple: the Services
+/// map port 80 to theirs.
+const CONN_PORTS: [u16; 3] = [15300, 15301, 15302];
 const SERVICE_COUNTS: [usize; 2] = [10, 10_000];
 const ENDPOINTS_EACH: usize = 3;
 const TARGET_SERVICES_RSS_MB: f64 = 50.0;
@@ -55,14 +57,14 @@ const KUBE_PROXY: &str = "kube-proxy ClusterIP";
 /// `n` Services: the two the clients use, the rest synthetic.
 fn bench_services(n: usize, backend: Ipv4Addr) -> Vec<Service> {
     let mut v = synthetic_services(n.saturating_sub(2), ENDPOINTS_EACH);
-    let svc = |name: &str, vip: Ipv4Addr, ports: [u16; 2]| Service {
+    let svc = |name: &str, vip: Ipv4Addr, ports: [u16; 2], conn: u16| Service {
         namespace: "default".into(),
         name: name.into(),
         cluster_ip: vip,
         ports: [
             ("iperf3", ports[0], ports[0]),
             ("sockperf", ports[1], ports[1]),
-            ("conn", 80, CONN_PORT),
+            ("conn", 80, conn),
         ]
         .into_iter()
         .map(|(name, port, target_port)| ServicePort {
@@ -81,8 +83,18 @@ fn bench_services(n: usize, backend: Ipv4Addr) -> Vec<Service> {
         external_traffic_policy_local: false,
         session_affinity_seconds: None,
     };
-    v.push(svc("bench-beeline", BEELINE_VIP, BEELINE_PORTS));
-    v.push(svc("bench-kube-proxy", KUBE_PROXY_VIP, KUBE_PROXY_PORTS));
+    v.push(svc(
+        "bench-beeline",
+        BEELINE_VIP,
+        BEELINE_PORTS,
+        CONN_PORTS[1],
+    ));
+    v.push(svc(
+        "bench-kube-proxy",
+        KUBE_PROXY_VIP,
+        KUBE_PROXY_PORTS,
+        CONN_PORTS[2],
+    ));
     v
 }
 
@@ -122,7 +134,8 @@ fn specs(services: &[Service], node: &str) -> Vec<ServiceSpec> {
 }
 
 /// Accepts connections one at a time, answers "who" with its address and
-/// closes (so TIME_WAIT stays on the server side).
+/// waits for the client to close first (TIME_WAIT stays with the client,
+/// which reuses it: `tcp_tw_reuse`).
 struct ConnServer {
     stop: Arc<AtomicBool>,
     addr: SocketAddr,
@@ -131,10 +144,10 @@ struct ConnServer {
 }
 
 impl ConnServer {
-    fn start(ns: &NetNs, ip: Ipv4Addr) -> R<ConnServer> {
+    fn start(ns: &NetNs, ip: Ipv4Addr, port: u16) -> R<ConnServer> {
         let listener = ns
-            .enter(|| TcpListener::bind((ip, CONN_PORT)))
-            .map_err(|e| format!("bind {ip}:{CONN_PORT}: {e}"))?;
+            .enter(|| TcpListener::bind((ip, port)))
+            .map_err(|e| format!("bind {ip}:{port}: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let done = stop.clone();
         let answer = ip.to_string();
@@ -144,16 +157,20 @@ impl ConnServer {
                     return;
                 }
                 if let Ok(mut c) = conn {
+                    // A lost connection must not stall the ones behind it.
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
                     let mut buf = [0u8; 64];
-                    if matches!(c.read(&mut buf), Ok(n) if n > 0) {
-                        let _ = c.write_all(answer.as_bytes());
+                    if matches!(c.read(&mut buf), Ok(n) if n > 0)
+                        && c.write_all(answer.as_bytes()).is_ok()
+                    {
+                        let _ = c.read(&mut buf);
                     }
                 }
             }
         });
         Ok(ConnServer {
             stop,
-            addr: SocketAddr::from((ip, CONN_PORT)),
+            addr: SocketAddr::from((ip, port)),
             ns_path: ns.path(),
             thread: Some(thread),
         })
@@ -194,6 +211,8 @@ impl Setup {
         let node = beeline_node(&[
             "--mode",
             "direct",
+            "--log-format",
+            "json",
             "--kube-proxy-replacement",
             &cgroup.arg(),
             &file.arg(),
@@ -255,7 +274,7 @@ impl Setup {
         match name {
             BEELINE => SocketAddr::from((BEELINE_VIP, 80)),
             KUBE_PROXY => SocketAddr::from((KUBE_PROXY_VIP, 80)),
-            _ => SocketAddr::from((self.backend.1, CONN_PORT)),
+            _ => SocketAddr::from((self.backend.1, CONN_PORTS[0])),
         }
     }
 
@@ -351,7 +370,10 @@ pub(crate) fn phase_services(cfg: &Cfg) -> R<Output> {
     step("phase 7: Services (Beeline's socket load balancing, kube-proxy's iptables rules)");
     let setup = Setup::new()?;
     let kube_proxy = cfg.tools.iptables_restore;
-    let _server = ConnServer::start(&setup.backend.0, setup.backend.1)?;
+    let _servers = CONN_PORTS
+        .iter()
+        .map(|port| ConnServer::start(&setup.backend.0, setup.backend.1, *port))
+        .collect::<R<Vec<_>>>()?;
     let paths = setup.paths(kube_proxy);
     check_paths(&paths)?;
     let names: Vec<&str> = paths.iter().map(|p| p.name).collect();
@@ -373,7 +395,7 @@ pub(crate) fn phase_services(cfg: &Cfg) -> R<Output> {
          hold the same Services: the two the client uses plus synthetic ones with \
          {ENDPOINTS_EACH} endpoints each. Throughput and RTT use one long connection (the \
          translation happens once); the connection rate is `beeline-probe load --parallel 1` \
-         (connect, ask, read, close; one at a time) for 1 s, paths taking turns.\n\n"
+         (connect, ask, read, close; one at a time; a server per path, so no two paths share a connection tuple) for 1 s, paths taking turns.\n\n"
     );
     let mut json_counts = serde_json::Map::new();
     let mut scale_rows = Vec::new();
