@@ -277,12 +277,14 @@ pub(crate) fn phase_scale(cfg: &Cfg) -> R<Output> {
         ] {
             write_node_list(&node, count);
             let t = Instant::now();
+            // Each remote node: its podCIDR and its own /32.
+            let entries = 2 * count;
             let ok = eventually_every(Duration::from_secs(30), Duration::from_millis(5), || {
-                remote_count(&node.bpffs.path) == count
+                remote_count(&node.bpffs.path) == entries
             });
             if !ok {
                 return Err(format!(
-                    "the agent did not reach {count} remote CIDRs in 30 s (has {})",
+                    "the agent did not reach {entries} remote CIDR entries in 30 s (has {})",
                     remote_count(&node.bpffs.path)
                 ));
             }
