@@ -623,6 +623,17 @@ fn a_connection_reopened_on_the_same_port_keeps_its_replies_translated() {
             .enter(|| TcpListener::bind((s.b0.pod.ip, IDLE_PORT)))
             .unwrap();
     let idle = SocketAddr::from((Ipv4Addr::from(IDLE), IDLE_PORT));
+    let switch = || {
+        beeline_agent::maps::StackNatMap::open(&s.node(0).bpffs.path)
+            .unwrap()
+            .is_on()
+            .unwrap()
+    };
+    // Nothing NATed yet: the programs do not even look.
+    assert!(
+        !switch(),
+        "the stack-NAT lookup is on before anything was NATed"
+    );
     for round in 0..4 {
         let mut client = connect_from(&s.a0.ns, 40123, idle)
             .unwrap_or_else(|e| panic!("round {round}: connect: {e}"));
@@ -639,6 +650,10 @@ fn a_connection_reopened_on_the_same_port_keeps_its_replies_translated() {
             .unwrap_or_else(|e| panic!("round {round}: the server's greeting was lost: {e}"));
         assert_eq!(&buf[..n], b"hello", "round {round}");
         assert_eq!(client.peer_addr().unwrap(), idle);
+        assert!(
+            switch(),
+            "the first NATed connection did not switch the lookup on"
+        );
         // A reset, so the next round reopens the same conntrack tuple.
         nix::sys::socket::setsockopt(
             &client,

@@ -234,3 +234,49 @@ fn a_pinned_map_with_an_older_layout_is_replaced_at_start() {
     let pod = Pod::add(&node, "1.1.0");
     pod.del(&node);
 }
+
+/// Stack-NAT entries recorded by programs that did not know the switch
+/// (an older agent's) are looked up as soon as this agent's programs run:
+/// it switches the lookup on at load when the map holds any.
+#[test]
+fn stack_nat_entries_left_by_an_older_agent_switch_the_lookup_on() {
+    require_root();
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use beeline_agent::maps::StackNatMap;
+    use beeline_common::{FlowKey, map_names};
+    let ns = NetNs::new("bll");
+    let bpffs = BpffsDir::new();
+    drop(
+        ns.enter(|| Datapath::load(&bpffs.path, false, PodAttach::Tc))
+            .unwrap(),
+    );
+    let off = || {
+        let data = MapData::from_pin(bpffs.path.join(map_names::STACK_NAT_ON)).unwrap();
+        let mut on: Array<_, u32> = Array::try_from(Map::Array(data)).unwrap();
+        on.set(0, 0, 0).unwrap();
+    };
+    off();
+    // An empty map leaves it off.
+    drop(
+        ns.enter(|| Datapath::load(&bpffs.path, false, PodAttach::Tc))
+            .unwrap(),
+    );
+    assert!(!StackNatMap::open(&bpffs.path).unwrap().is_on().unwrap());
+    // One entry written behind the switch's back.
+    let data = MapData::from_pin(bpffs.path.join(map_names::STACK_NAT)).unwrap();
+    let mut map: HashMap<_, FlowKey, u32> = HashMap::try_from(Map::HashMap(data)).unwrap();
+    let key = FlowKey {
+        saddr: [10, 244, 1, 5],
+        daddr: [10, 244, 1, 6],
+        sport: 8080u16.to_be_bytes(),
+        dport: 40000u16.to_be_bytes(),
+        protocol: 6,
+        pad: [0; 3],
+    };
+    map.insert(key, 0, 0).unwrap();
+    off();
+    let loaded = ns
+        .enter(|| Datapath::load(&bpffs.path, false, PodAttach::Tc))
+        .unwrap();
+    assert!(loaded.stack_nat.is_on().unwrap(), "entries left unread");
+}

@@ -93,7 +93,10 @@ impl Datapath {
         let endpoints = EndpointsMap::new(maps::take(&mut ebpf, map_names::ENDPOINTS)?)?;
         let remote_cidrs = RemoteCidrsMap::new(maps::take(&mut ebpf, map_names::REMOTE_CIDRS)?)?;
         let node_config = NodeConfigMap::new(maps::take(&mut ebpf, map_names::NODE_CONFIG)?)?;
-        let stack_nat = StackNatMap::new(maps::take(&mut ebpf, map_names::STACK_NAT)?)?;
+        let stack_nat = StackNatMap::new(
+            maps::take(&mut ebpf, map_names::STACK_NAT)?,
+            maps::take(&mut ebpf, map_names::STACK_NAT_ON)?,
+        )?;
         let services = ServicesMaps::new(maps::services::Loaded {
             services: maps::take(&mut ebpf, map_names::SERVICES)?,
             backends: maps::take(&mut ebpf, map_names::BACKENDS)?,

@@ -115,6 +115,10 @@ impl StackNat {
             .await
             .context("the conntrack dump task")?
             .context("dumping conntrack")?;
+        // Entries an older agent's programs recorded without the switch.
+        if !in_map.is_empty() {
+            self.map.switch_on()?;
+        }
         let stale: Vec<_> = in_map.difference(&live).copied().collect();
         for key in &stale {
             self.map.remove(key)?;

@@ -17,17 +17,19 @@ pub mod map_names {
     pub const NODE_CONFIG: &str = "BEELINE_NODE_CONFIG";
     pub const STATS: &str = "BEELINE_STATS";
     pub const STACK_NAT: &str = "BEELINE_STACK_NAT";
+    pub const STACK_NAT_ON: &str = "BEELINE_STACK_NAT_ON";
     pub const SERVICES: &str = "BEELINE_SERVICES";
     pub const BACKENDS: &str = "BEELINE_BACKENDS";
     pub const SOCK_REV_NAT: &str = "BEELINE_SOCK_REV_NAT";
     pub const AFFINITY: &str = "BEELINE_AFFINITY";
     pub const LB_NAT: &str = "BEELINE_LB_NAT";
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         ENDPOINTS,
         REMOTE_CIDRS,
         NODE_CONFIG,
         STATS,
         STACK_NAT,
+        STACK_NAT_ON,
         SERVICES,
         BACKENDS,
         SOCK_REV_NAT,

@@ -31,6 +31,12 @@ pub static BEELINE_NODE_CONFIG: Array<NodeConfig, 1> = Array::new();
 pub static BEELINE_STACK_NAT: HashMap<FlowKey, u32, { DEFAULT_STACK_NAT_ENTRIES as usize }> =
     HashMap::new();
 
+/// Non-zero once `BEELINE_STACK_NAT` may hold anything: until then the
+/// ingress programs skip its lookup, so a node where the stack NATs nothing
+/// (no kube-proxy, no hostPort) never pays for it. Never cleared.
+#[btf_map]
+pub static BEELINE_STACK_NAT_ON: Array<u32, 1> = Array::new();
+
 /// Packet counters by (program, verdict), see `beeline_common::stats_slot`.
 #[btf_map]
 pub static BEELINE_STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCpuArray::new();

@@ -11,7 +11,7 @@ use aya_ebpf::programs::TcContext;
 use beeline_common::{FlowKey, STACK_NAT_MARK, Verdict};
 
 use crate::{
-    maps::BEELINE_STACK_NAT,
+    maps::{BEELINE_STACK_NAT, BEELINE_STACK_NAT_ON},
     packet::{Headers, ports},
 };
 
@@ -31,6 +31,16 @@ pub fn record(ctx: &TcContext) -> Verdict {
     let Some(key) = reply_of(ctx, &h) else {
         return Verdict::Continued;
     };
+    // Before the entry: no reply can be missed.
+    if let Some(on) = BEELINE_STACK_NAT_ON.get_ptr_mut(0) {
+        // SAFETY: the map's one value, valid while the program runs; written
+        // only when it changes, so CPUs do not fight over its cache line.
+        unsafe {
+            if *on == 0 {
+                *on = 1;
+            }
+        }
+    }
     match BEELINE_STACK_NAT.insert(&key, &0, 0) {
         Ok(()) => Verdict::RecordedStackNat,
         Err(_) => Verdict::StackNatMapFull,
@@ -41,6 +51,9 @@ pub fn record(ctx: &TcContext) -> Verdict {
 /// the stack NATed, for `?` before a redirect.
 #[inline(always)]
 pub fn leave_replies_to_stack(ctx: &TcContext, h: &Headers) -> Result<(), Verdict> {
+    if BEELINE_STACK_NAT_ON.get(0).is_none_or(|on| *on == 0) {
+        return Ok(());
+    }
     let Some(ports) = ports(ctx, h) else {
         return Ok(());
     };
