@@ -192,8 +192,14 @@ pub fn ports(ctx: &TcContext, h: &Headers) -> Option<[u8; 4]> {
     if (u16::from_be_bytes([h.0[IPV4_FRAG_OFF], h.0[IPV4_FRAG_OFF + 1]]) & 0x1fff) != 0 {
         return None;
     }
-    ctx.load::<[u8; 4]>(h.1 + ETH_HLEN + h.ipv4_header_len())
-        .ok()
+    let offset = h.1 + ETH_HLEN + h.ipv4_header_len();
+    // In place when linear (nearly always): no helper call per packet.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if offset <= 256 && start + offset + 4 <= end {
+        // SAFETY: bounds-checked just above.
+        return Some(unsafe { *((start + offset) as *const [u8; 4]) });
+    }
+    ctx.load::<[u8; 4]>(offset).ok()
 }
 
 #[inline(always)]
