@@ -96,7 +96,7 @@ pub(crate) fn log_seconds(ts: &str) -> Option<f64> {
     Some(h * 3600.0 + m * 60.0 + s)
 }
 
-/// Agent-side time from "node list file changed" (after reading and
+/// Agent-side time from "input file changed" (after reading and
 /// parsing) to "remote node routes updated" (maps written), for the last
 /// such pair whose file had `nodes` nodes.
 fn agent_sync_seconds(log: &str, nodes: usize) -> Option<f64> {
@@ -108,8 +108,8 @@ fn agent_sync_seconds(log: &str, nodes: usize) -> Option<f64> {
         };
         let msg = v["fields"]["message"].as_str().unwrap_or("");
         let ts = v["timestamp"].as_str().and_then(log_seconds);
-        if msg == "node list file changed" {
-            changed = (v["fields"]["nodes"].as_u64() == Some(nodes as u64))
+        if msg == "input file changed" {
+            changed = (v["fields"]["objects"].as_u64() == Some(nodes as u64))
                 .then_some(ts)
                 .flatten();
         } else if msg == "remote node routes updated"
@@ -433,7 +433,7 @@ pub(crate) fn phase_scale(cfg: &Cfg) -> R<Output> {
             "".into(),
         ],
         vec![
-            "datapath load (3 programs through the verifier, maps pinned)".into(),
+            "datapath load (every program through the verifier, maps pinned)".into(),
             ms(&load_s),
             "".into(),
             "".into(),
