@@ -33,21 +33,7 @@ pub enum Event {
 
 /// The reply key of every destination-NATed connection conntrack holds.
 pub fn dnat_replies() -> io::Result<HashSet<FlowKey>> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    let mut request = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
-            ConntrackMessage::Get(vec![]),
-        )),
-    );
-    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
+    let socket = get(vec![], NLM_F_REQUEST | NLM_F_DUMP)?;
     let mut keys = HashSet::new();
     loop {
         let (data, _) = socket.recv_from_full()?;
@@ -67,6 +53,27 @@ pub fn dnat_replies() -> io::Result<HashSet<FlowKey>> {
             }
         }
     }
+}
+
+/// Sends a conntrack GET (`flags`: one entry, or a dump); the answers come
+/// on the returned socket.
+fn get(attributes: Vec<ConntrackAttribute>, flags: u16) -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_NETFILTER)?;
+    socket.bind_auto()?;
+    let mut request = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            ConntrackMessage::Get(attributes),
+        )),
+    );
+    request.header.flags = flags;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    Ok(socket)
 }
 
 /// Whether conntrack holds a destination-NATed connection whose replies
@@ -89,21 +96,10 @@ pub fn dnat_reply_exists(key: &FlowKey) -> io::Result<bool> {
             ProtoTuple::DestinationPort(u16::from_be_bytes(key.dport)),
         ]),
     ];
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    let mut request = NetlinkMessage::new(
-        NetlinkHeader::default(),
-        NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
-            ConntrackMessage::Get(vec![ConntrackAttribute::CtaTupleReply(tuple)]),
-        )),
-    );
-    request.header.flags = NLM_F_REQUEST;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0)?;
+    let socket = get(
+        vec![ConntrackAttribute::CtaTupleReply(tuple)],
+        NLM_F_REQUEST,
+    )?;
     let (data, _) = socket.recv_from_full()?;
     let message = NetlinkMessage::<NetfilterMessage>::deserialize(&data)
         .map_err(|e| io::Error::other(format!("a conntrack message: {e}")))?;
