@@ -22,7 +22,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{NetNs, Node, Pod, bin, unique};
+use crate::{Cluster, NetNs, Node, Pod, bin, unique};
 
 /// The ports every [`Backend`] serves.
 pub const TCP_PORT: u16 = 8080;
@@ -208,6 +208,69 @@ impl Drop for Cgroup {
 /// The host's cgroup2 mount.
 pub fn cgroup2_root() -> PathBuf {
     beeline_agent::datapath::cgroup2_root().expect("a cgroup2 mount")
+}
+
+/// One TCP request to `addr` from `ns` (`who`: the backend's address,
+/// `peer`: the client address it sees): the answer.
+pub fn tcp_request(
+    ns: &NetNs,
+    addr: std::net::SocketAddr,
+    request: &[u8],
+) -> Result<String, String> {
+    ns.enter(|| {
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        conn.write_all(request).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        let n = conn
+            .read(&mut buf)
+            .map_err(|e| format!("read from {addr}: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+/// One UDP request to `addr` from `ns`: the answer, and who it came from.
+pub fn udp_ask(
+    ns: &NetNs,
+    addr: std::net::SocketAddr,
+) -> Result<(String, std::net::SocketAddr), String> {
+    ns.enter(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        socket.send_to(b"who", addr).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        let (n, from) = socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("UDP answer from {addr}: {e}"))?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    })
+}
+
+/// Publishes every node and starts each agent with
+/// `--kube-proxy-replacement`, `file` and a cgroup of its own (returned),
+/// plus `args`.
+pub fn start_replacing_kube_proxy(
+    cluster: &mut Cluster,
+    file: &ServicesFile,
+    args: &[&str],
+) -> Vec<Cgroup> {
+    let cgroups: Vec<Cgroup> = cluster.nodes.iter().map(|_| Cgroup::new()).collect();
+    let all: Vec<usize> = (0..cluster.nodes.len()).collect();
+    cluster.publish_nodes(&all);
+    for (node, cgroup) in cluster.nodes.iter_mut().zip(&cgroups) {
+        let mut node_args = vec![
+            "--kube-proxy-replacement".to_string(),
+            file.arg(),
+            cgroup.arg(),
+        ];
+        node_args.extend(args.iter().map(|a| a.to_string()));
+        let node_args: Vec<&str> = node_args.iter().map(String::as_str).collect();
+        node.start_agent(&node_args);
+    }
+    cgroups
 }
 
 /// One Service port.

@@ -10,7 +10,8 @@ use std::{
 
 use beeline_tests::{
     service_lb::{
-        Backend, Cgroup, Endpoint, Port, ServiceSpec, ServicesFile, TCP_PORT, UDP_PORT, services_of,
+        Backend, Cgroup, Endpoint, Port, ServiceSpec, ServicesFile, TCP_PORT, UDP_PORT,
+        services_of, start_replacing_kube_proxy, tcp_request, udp_ask,
     },
     *,
 };
@@ -68,19 +69,11 @@ impl Lb {
         let mut cluster = Cluster::new(2);
         let outside = cluster.external_host(OUTSIDE);
         let file = ServicesFile::new();
-        let cgroups: Vec<Cgroup> = cluster.nodes.iter().map(|_| Cgroup::new()).collect();
-        let all: Vec<usize> = (0..cluster.nodes.len()).collect();
-        cluster.publish_nodes(&all);
-        for (node, cgroup) in cluster.nodes.iter_mut().zip(&cgroups) {
-            node.start_agent(&[
-                "--mode",
-                mode,
-                "--kube-proxy-replacement",
-                "--resync-period=1s",
-                &file.arg(),
-                &cgroup.arg(),
-            ]);
-        }
+        let cgroups = start_replacing_kube_proxy(
+            &mut cluster,
+            &file,
+            &["--mode", mode, "--resync-period=1s"],
+        );
         let (a0, a1) = (
             Pod::add(&cluster.nodes[0], "1.1.0"),
             Pod::add(&cluster.nodes[1], "1.1.0"),
@@ -308,20 +301,20 @@ fn matrix(mode: &str) {
     let outside = &lb.outside;
     for node in 0..2 {
         let ip = Cluster::node_ip(node);
-        let out = tcp_from(outside, at(ip, NP_REMOTE), "peer");
+        let out = tcp_request(outside, at(ip, NP_REMOTE), b"peer");
         assert_eq!(
             out.as_deref(),
             Ok(ip.to_string().as_str()),
             "NodePort on node {node}"
         );
-        let out = udp_from(outside, at(ip, NP_UDP));
+        let out = udp_ask(outside, at(ip, NP_UDP));
         let (who, from) = out.unwrap_or_else(|e| panic!("UDP NodePort on node {node}: {e}"));
         assert!(who == b0.to_string() || who == b1.to_string(), "{who}");
         assert_eq!(from, at(ip, NP_UDP), "UDP answers come from the NodePort");
     }
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..40 {
-        seen.insert(tcp_from(outside, at(Cluster::node_ip(0), NP_BOTH), "who").unwrap());
+        seen.insert(tcp_request(outside, at(Cluster::node_ip(0), NP_BOTH), b"who").unwrap());
         if seen.len() == 2 {
             break;
         }
@@ -335,14 +328,14 @@ fn matrix(mode: &str) {
         "via",
         &Cluster::node_ip(1).to_string(),
     ]);
-    let who = tcp_from(outside, at(EXTERNAL_IP, 80), "who").expect("external IP");
+    let who = tcp_request(outside, at(EXTERNAL_IP, 80), b"who").expect("external IP");
     assert!(who == b0.to_string() || who == b1.to_string(), "{who}");
     // externalTrafficPolicy Local: the client's address is kept; a node
     // without a local endpoint refuses.
-    let out = tcp_from(outside, at(Cluster::node_ip(0), NP_LOCAL), "peer");
+    let out = tcp_request(outside, at(Cluster::node_ip(0), NP_LOCAL), b"peer");
     assert_eq!(out.as_deref(), Ok(OUTSIDE.to_string().as_str()));
     let started = Instant::now();
-    let refused = tcp_from(outside, at(Cluster::node_ip(1), NP_LOCAL), "peer");
+    let refused = tcp_request(outside, at(Cluster::node_ip(1), NP_LOCAL), b"peer");
     assert!(
         refused.as_ref().is_err_and(|e| e.contains("refused"))
             && started.elapsed() < Duration::from_secs(2),
@@ -367,35 +360,6 @@ fn matrix(mode: &str) {
             node.name
         );
     }
-}
-
-fn tcp_from(ns: &NetNs, addr: SocketAddr, message: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    ns.enter(|| {
-        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        conn.write_all(message.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 64];
-        let n = conn
-            .read(&mut buf)
-            .map_err(|e| format!("read {addr}: {e}"))?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
-}
-
-fn udp_from(ns: &NetNs, addr: SocketAddr) -> Result<(String, SocketAddr), String> {
-    ns.enter(|| {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        socket.send_to(b"who", addr).map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 64];
-        let (n, from) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
-        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-    })
 }
 
 #[test]

@@ -12,6 +12,7 @@ use beeline_tests::{
     Cluster, NetNs, Pod,
     service_lb::{
         Backend, Cgroup, Endpoint, Port, ServiceSpec, ServicesFile, TCP_PORT, services_of,
+        start_replacing_kube_proxy,
     },
     tcp_throughput,
 };
@@ -73,18 +74,7 @@ fn run(keep: bool, mode: &str) -> Result<(), String> {
          generated NodeList and Service list, each with a cgroup of its own"
     ))?;
     let services = ServicesFile::new();
-    let cgroups: Vec<Cgroup> = cluster.nodes.iter().map(|_| Cgroup::new()).collect();
-    let all: Vec<usize> = (0..cluster.nodes.len()).collect();
-    cluster.publish_nodes(&all);
-    for (node, cgroup) in cluster.nodes.iter_mut().zip(&cgroups) {
-        node.start_agent(&[
-            "--mode",
-            mode,
-            "--kube-proxy-replacement",
-            &services.arg(),
-            &cgroup.arg(),
-        ]);
-    }
+    let cgroups = start_replacing_kube_proxy(&mut cluster, &services, &["--mode", mode]);
 
     step("creating 2 pods per node by executing the CNI binary (CNI_COMMAND=ADD)")?;
     let mut pods: Vec<(usize, Pod)> = Vec::new();
