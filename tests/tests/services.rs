@@ -19,7 +19,7 @@ use beeline_tests::{
         self, InstalledRules, NodeSettings, Protocol, ProxyMode, Service, ServiceEndpoint,
         ServicePort,
     },
-    service_lb::{Backend, TCP_PORT, UDP_PORT},
+    service_lb::{Backend, TCP_PORT, UDP_PORT, tcp_request, udp_ask},
     *,
 };
 use ipnet::Ipv4Net;
@@ -34,36 +34,6 @@ fn tcp_ask(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {
 /// The client address the backend behind `addr` sees for a connection from `ns`.
 fn tcp_peer(ns: &NetNs, addr: SocketAddr) -> Result<String, String> {
     tcp_request(ns, addr, b"peer")
-}
-
-fn tcp_request(ns: &NetNs, addr: SocketAddr, request: &[u8]) -> Result<String, String> {
-    ns.enter(|| {
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        conn.write_all(request).map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 64];
-        let n = conn
-            .read(&mut buf)
-            .map_err(|e| format!("read from {addr}: {e}"))?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    })
-}
-
-/// One UDP request to `addr` from `ns`: the answer, and who it came from.
-fn udp_ask(ns: &NetNs, addr: SocketAddr) -> Result<(String, SocketAddr), String> {
-    ns.enter(|| {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
-        socket.send_to(b"who", addr).map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 64];
-        let (n, from) = socket
-            .recv_from(&mut buf)
-            .map_err(|e| format!("UDP answer from {addr}: {e}"))?;
-        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-    })
 }
 
 fn port(
@@ -594,18 +564,34 @@ fn connect_from(ns: &NetNs, port: u16, to: SocketAddr) -> std::io::Result<TcpStr
     let SocketAddr::V4(to) = to else {
         unreachable!("IPv4 only")
     };
-    ns.enter(|| {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-        bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
-        connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
-        Ok(TcpStream::from(fd))
-    })
+    let attempt = || {
+        ns.enter(|| {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port))?;
+            connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
+            Ok::<_, std::io::Error>(TcpStream::from(fd))
+        })
+    };
+    // A socket just reset can hold its tuple a moment longer on a busy
+    // machine (EADDRNOTAVAIL): the kernel frees it by itself.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match attempt() {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                    && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            result => return result,
+        }
+    }
 }
 
 /// A client that reopens its connection on the same port at once (after a
