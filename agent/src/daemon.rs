@@ -52,6 +52,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let conditions = Conditions::default();
     let notices = Conditions::default();
+    // One netlink socket per owner: the kernel runs one dump at a time on a
+    // socket and answers a second with EBUSY, and the owners' passes overlap.
     let netlink = uplink::netlink()?;
 
     let (mut node_sync, node_state) = NodeSync::new(
@@ -66,7 +68,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             masquerade: !args.no_masquerade,
             services: args.kube_proxy_replacement,
         },
-        netlink.clone(),
+        uplink::netlink()?,
         datapath.programs.clone(),
         datapath.remote_cidrs,
         datapath.node_config,

@@ -200,3 +200,26 @@ fn a_failed_node_sync_is_retried_until_it_succeeds() {
     assert!(pod.ns.ping(node.ip, 2));
     pod.del(&node);
 }
+
+#[test]
+fn owners_resyncing_at_the_same_moment_never_fail_each_other() {
+    require_root();
+    let mut node = Node::new("10.244.12.0/24", Ipv4Addr::new(192, 168, 112, 1));
+    // Both owners dump from the kernel (routes and addresses; each pod's tc
+    // filters) on every pass: at 10 ms their passes overlap all the time.
+    node.start_agent(&["--resync-period=10ms"]);
+    let pods: Vec<Pod> = (0..6).map(|_| Pod::add(&node, "1.1.0")).collect();
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, metrics) = node.http_get("/metrics");
+    let errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("beeline_reconcile_errors_total") && !l.ends_with(" 0"))
+        .collect();
+    let log = node.agent.as_ref().unwrap().log_text();
+    assert!(errors.is_empty(), "{errors:?}\n{log}");
+    assert_eq!(node.http_get("/readyz").0, 200);
+    for pod in pods {
+        pod.del(&node);
+    }
+    node.assert_nothing_left();
+}

@@ -272,8 +272,12 @@ fn test(opts: &TestOptions) -> Result<()> {
     previous::build()?;
     util::step("cargo test");
     let mut cmd = util::cargo(&root);
-    cmd.args(["test", "--workspace", "--release"])
-        .args(&opts.cargo_test_args);
+    cmd.args(["test", "--workspace", "--release"]);
+    // Every test binary runs even after one fails: one run shows every failure.
+    if !opts.cargo_test_args.iter().any(|a| a == "--no-fail-fast") {
+        cmd.arg("--no-fail-fast");
+    }
+    cmd.args(&opts.cargo_test_args);
     run_tests_with_summary(&mut cmd)
 }
 
