@@ -4,6 +4,7 @@
 //! node's cgroup), the way pods and node daemons are; the outside client is
 //! a host on the nodes' network. No kube-proxy rule exists anywhere.
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -152,13 +153,12 @@ impl Lb {
         self.file.write(services);
         let want: usize = services
             .iter()
-            .map(|s| s.endpoints.len())
-            .filter(|n| *n > 0)
+            .filter(|s| !in_use(&s.endpoints).is_empty())
             .count();
         for node in &self.cluster.nodes {
             let ok = eventually(Duration::from_secs(10), || {
                 let rows = services_of(&node.bpffs.path, &node.state_dir());
-                let named: std::collections::BTreeSet<String> = rows
+                let named: BTreeSet<String> = rows
                     .as_array()
                     .unwrap()
                     .iter()
@@ -194,8 +194,8 @@ impl Lb {
     }
 }
 
-/// Whether every frontend's backends in `rows` match what `services` say
-/// (ClusterIP frontends, socket scope).
+/// Whether every Service's ClusterIP port 80 (socket scope) sends to exactly
+/// the endpoints `services` put in use (a subset of them for node-local).
 fn same_backends(rows: &Value, services: &[ServiceSpec]) -> bool {
     services.iter().all(|s| {
         let frontend = format!("{}:80", s.cluster_ip);
@@ -205,13 +205,37 @@ fn same_backends(rows: &Value, services: &[ServiceSpec]) -> bool {
             .iter()
             .find(|r| r["frontend"] == frontend.as_str() && r["scope"] == "socket");
         let Some(row) = row else { return false };
-        let have = row["backends"].as_array().unwrap().len();
+        let have: BTreeSet<Ipv4Addr> = row["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_str().unwrap().parse::<SocketAddr>().unwrap())
+            .map(|b| match b.ip() {
+                std::net::IpAddr::V4(ip) => ip,
+                other => panic!("{other}"),
+            })
+            .collect();
+        let want = in_use(&s.endpoints);
         if s.internal_local {
-            have <= s.endpoints.len()
+            have.is_subset(&want)
         } else {
-            have == s.endpoints.len()
+            have == want
         }
     })
+}
+
+/// The endpoints a Service sends to: the ready ones, or the serving
+/// terminating ones while none is ready (KEP-1669).
+fn in_use(endpoints: &[Endpoint]) -> BTreeSet<Ipv4Addr> {
+    let pick = |f: fn(&Endpoint) -> bool| -> BTreeSet<Ipv4Addr> {
+        endpoints.iter().filter(|e| f(e)).map(|e| e.ip).collect()
+    };
+    let ready = pick(|e| e.ready);
+    if ready.is_empty() {
+        pick(|e| e.serving && e.terminating)
+    } else {
+        ready
+    }
 }
 
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
@@ -220,7 +244,7 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 /// Asks until every backend in `expect` answered; fails on an error.
 fn reaches_all(lb: &Lb, i: usize, ns: &NetNs, addr: SocketAddr, expect: &[Ipv4Addr]) {
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for _ in 0..40 {
         let out = lb.tcp(i, ns, addr, "who");
         let who = out["reply"]
@@ -312,7 +336,7 @@ fn matrix(mode: &str) {
         assert!(who == b0.to_string() || who == b1.to_string(), "{who}");
         assert_eq!(from, at(ip, NP_UDP), "UDP answers come from the NodePort");
     }
-    let mut seen = std::collections::BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for _ in 0..40 {
         seen.insert(tcp_request(outside, at(Cluster::node_ip(0), NP_BOTH), b"who").unwrap());
         if seen.len() == 2 {
