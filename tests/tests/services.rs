@@ -185,6 +185,20 @@ impl Setup {
         }
     }
 
+    /// A listener on b0, the idle Service's one backend, and that Service.
+    fn idle_backend(&self) -> (TcpListener, SocketAddr) {
+        let listener = self
+            .b0
+            .pod
+            .ns
+            .enter(|| TcpListener::bind((self.b0.pod.ip, IDLE_PORT)))
+            .unwrap();
+        (
+            listener,
+            SocketAddr::from((Ipv4Addr::from(IDLE), IDLE_PORT)),
+        )
+    }
+
     fn node(&self, i: usize) -> &Node {
         &self.cluster.nodes[i]
     }
@@ -420,12 +434,7 @@ fn an_idle_service_connection_survives_100000_other_flows() {
             .args(["-qw", &format!("net.netfilter.{key}=5")]));
     }
     // An idle connection to a Service whose backend is on this node.
-    let listener =
-        s.b0.pod
-            .ns
-            .enter(|| TcpListener::bind((s.b0.pod.ip, IDLE_PORT)))
-            .unwrap();
-    let idle = SocketAddr::from((Ipv4Addr::from(IDLE), IDLE_PORT));
+    let (listener, idle) = s.idle_backend();
     let mut client =
         s.a0.ns
             .enter(|| TcpStream::connect_timeout(&idle, Duration::from_secs(3)))
@@ -603,12 +612,7 @@ fn connect_from(ns: &NetNs, port: u16, to: SocketAddr) -> std::io::Result<TcpStr
 #[test]
 fn a_connection_reopened_on_the_same_port_keeps_its_replies_translated() {
     let s = Setup::new("direct", ProxyMode::Iptables, 1);
-    let listener =
-        s.b0.pod
-            .ns
-            .enter(|| TcpListener::bind((s.b0.pod.ip, IDLE_PORT)))
-            .unwrap();
-    let idle = SocketAddr::from((Ipv4Addr::from(IDLE), IDLE_PORT));
+    let (listener, idle) = s.idle_backend();
     let switch = || {
         beeline_agent::maps::StackNatMap::open(&s.node(0).bpffs.path)
             .unwrap()
